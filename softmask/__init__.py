@@ -1,0 +1,29 @@
+"""softmask: fused kernels for vision-language pretraining with text-driven soft masks.
+
+Public ops (see each docstring for the exact math):
+
+- :func:`focal_itc_loss` / :class:`FocalITCLoss`: focal image-text contrastive loss
+  with momentum-distillation targets and a key queue, never materializing the logits.
+- :func:`word_gradcam`, :func:`word_gradcam_from_probs`, :func:`soft_mask_from_cam`,
+  :func:`text_driven_soft_mask`: word-conditional Grad-CAM on a cross-attention layer
+  turned into a soft mask on the image patch embeddings.
+"""
+
+from softmask.ops.focal_itc import FocalITCLoss, focal_itc_loss
+from softmask.ops.soft_mask import (
+    soft_mask_from_cam,
+    text_driven_soft_mask,
+    word_gradcam,
+    word_gradcam_from_probs,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "focal_itc_loss",
+    "FocalITCLoss",
+    "word_gradcam",
+    "word_gradcam_from_probs",
+    "soft_mask_from_cam",
+    "text_driven_soft_mask",
+]

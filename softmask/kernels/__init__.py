@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers: tensors in, tensors out, no autograd."""

@@ -1,0 +1,1 @@
+"""Autograd Functions, backend dispatch, input validation and torch.library registration."""
