@@ -1,20 +1,405 @@
-"""TEMPORARY: dispatches to softmask.reference until the fused op is written (issue 2)."""
+"""Focal image-text contrastive loss: public function, module, validation, backends,
+autograd and ``torch.library`` registration.
+
+Backends: ``triton`` (``softmask.kernels.focal_itc``), ``torch`` (blocks of rows in
+plain PyTorch with the analytic gradient; at most :data:`TORCH_BLOCK_ELEMS` logits
+live at once), ``reference`` (``softmask.reference``, materialized, autograd).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
 import torch
-from softmask import reference as _ref
+from torch import Tensor
+
+from softmask import reference
+from softmask.ops._common import (
+    accum_dtype,
+    check_fraction,
+    check_same,
+    check_size,
+    check_tensor,
+    resolve_backend,
+)
+
+__all__ = ["focal_itc_loss", "FocalITCLoss"]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# Logits held at once by the torch backend (rows x keys); 2^22 float32 = 16 MiB per
+# temporary. At B=1024, N=66,560, D=256 on a 2-core CPU a sweep over 2^20..2^24 gave
+# the same time within noise; 2^22 keeps the peak at a few such temporaries.
+TORCH_BLOCK_ELEMS = 1 << 22
 
 
-def focal_itc_loss(image_feat, text_feat, temperature, *, gamma=2.0, image_keys=None, text_keys=None,
-                   image_feat_m=None, text_feat_m=None, alpha=0.0, reduction="mean", backend="auto"):
-    return _ref.focal_itc_loss_reference(image_feat, text_feat, temperature, gamma=gamma, image_keys=image_keys,
-                                         text_keys=text_keys, image_feat_m=image_feat_m, text_feat_m=text_feat_m,
-                                         alpha=alpha, reduction=reduction)
+# --------------------------------------------------------------------------- torch backend
+
+
+def _focal_terms_torch(l: Tensor, p: Tensor, gamma: float) -> Tuple[Tensor, Tensor]:
+    """``t = (1-p)^gamma`` and ``g = t (1 - gamma p l / (1-p))`` without inf/NaN at p -> 1."""
+    om = -torch.expm1(l)
+    pos = om > 0
+    safe = torch.where(pos, om, torch.ones_like(om))
+    t = torch.where(pos, safe.pow(gamma), torch.full_like(om, 1.0 if gamma == 0 else 0.0))
+    ratio = torch.where(pos, l / safe, torch.full_like(om, -1.0))
+    g = t * (1.0 - gamma * p * ratio)
+    return t, g
+
+
+def _row_blocks(B: int, N: int):
+    step = max(1, TORCH_BLOCK_ELEMS // max(N, 1))
+    for r0 in range(0, B, step):
+        yield r0, min(B, r0 + step)
+
+
+def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float):
+    """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`."""
+    B, D = q.shape
+    N = k.shape[0]
+    acc = accum_dtype(q.dtype)
+    kk = k.to(acc)
+    inv_tau = 1.0 / tau.to(acc)
+    has_targets = qm is not None and alpha > 0
+    loss = torch.empty(B, device=q.device, dtype=acc)
+    dtau = torch.empty_like(loss)
+    dq = torch.empty(B, D, device=q.device, dtype=acc)
+    stats = torch.empty(3, B, device=q.device, dtype=acc)
+    for r0, r1 in _row_blocks(B, N):
+        rows = torch.arange(r1 - r0, device=q.device)
+        diag = rows + r0
+        z = (q[r0:r1].to(acc) @ kk.t()).mul_(inv_tau)  # (rows, N)
+        lse = torch.logsumexp(z, dim=1)
+        l = z - lse[:, None]
+        p = l.exp()
+        if has_targets:
+            tgt = torch.softmax((qm[r0:r1].to(acc) @ kk.t()).mul_(inv_tau), dim=1).mul_(alpha)
+            tgt[rows, diag] += 1.0 - alpha
+            t, g = _focal_terms_torch(l, p, gamma)
+            loss[r0:r1] = -(tgt * t * l).sum(1)
+            del t
+            qg = tgt.mul_(g)  # q * g, in place of the targets
+            s_row = qg.sum(1)
+            g_ii = g[rows, diag]
+            dz = p.mul_(s_row[:, None]).sub_(qg)  # p S - q g
+        else:
+            l_ii = l[rows, diag]
+            t_ii, g_ii = _focal_terms_torch(l_ii, p[rows, diag], gamma)
+            loss[r0:r1] = -t_ii * l_ii
+            s_row = g_ii
+            dz = p.mul_(s_row[:, None])
+            dz[rows, diag] -= g_ii
+        dq[r0:r1] = (dz @ kk).mul_(inv_tau)
+        dtau[r0:r1] = -inv_tau * (dz * z).sum(1)
+        stats[0, r0:r1] = lse
+        stats[1, r0:r1] = s_row
+        stats[2, r0:r1] = g_ii
+    return loss, dq, dtau, stats
+
+
+def focal_itc_key_grad_torch(q, k, tau, stats, w):
+    """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_key_grad_triton`."""
+    B, D = q.shape
+    N = k.shape[0]
+    acc = accum_dtype(q.dtype)
+    kk = k.to(acc)
+    inv_tau = 1.0 / tau.to(acc)
+    dk = torch.zeros(N, D, device=q.device, dtype=acc)
+    for r0, r1 in _row_blocks(B, N):
+        rows = torch.arange(r1 - r0, device=q.device)
+        qb = q[r0:r1].to(acc)
+        z = (qb @ kk.t()).mul_(inv_tau)
+        dz = z.sub_(stats[0, r0:r1, None]).exp_().mul_(stats[1, r0:r1, None])
+        dz[rows, rows + r0] -= stats[2, r0:r1]
+        dz.mul_(w[r0:r1, None].to(acc))
+        dk += dz.t() @ qb
+    return dk.mul_(inv_tau)
+
+
+def _direction(q, k, qm, tau, gamma, alpha, backend):
+    if backend == "triton":
+        from softmask.kernels.focal_itc import focal_itc_direction_triton
+
+        return focal_itc_direction_triton(q, k, qm, tau, gamma, alpha)
+    return focal_itc_direction_torch(q, k, qm, tau, gamma, alpha)
+
+
+def _key_grad(q, k, tau, stats, w, backend):
+    if backend == "triton":
+        from softmask.kernels.focal_itc import focal_itc_key_grad_triton
+
+        return focal_itc_key_grad_triton(q, k, tau, stats, w)
+    return focal_itc_key_grad_torch(q, k, tau, stats, w)
+
+
+# --------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("softmask::focal_itc_rows", mutates_args=())
+def _focal_itc_rows(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    temperature: Tensor,
+    image_keys: Optional[Tensor],
+    text_keys: Optional[Tensor],
+    image_feat_m: Optional[Tensor],
+    text_feat_m: Optional[Tensor],
+    gamma: float,
+    alpha: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row losses of both directions plus what the backward needs:
+    ``(loss_i2t [B], loss_t2i [B], dL_i2t/dimage [B, D], dL_t2i/dtext [B, D],
+    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [3, B], stats_t2i [3, B])``."""
+    clip = text_keys is None
+    tk = text_feat if clip else text_keys
+    ik = image_feat if clip else image_keys
+    tau = temperature.detach()
+    l1, dq1, dt1, st1 = _direction(image_feat, tk, image_feat_m, tau, gamma, alpha, backend)
+    l2, dq2, dt2, st2 = _direction(text_feat, ik, text_feat_m, tau, gamma, alpha, backend)
+    return l1, l2, dq1, dq2, dt1, dt2, st1, st2
+
+
+@_focal_itc_rows.register_fake
+def _(image_feat, text_feat, temperature, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, backend):
+    B, D = image_feat.shape
+    acc = accum_dtype(image_feat.dtype)
+    row = lambda: image_feat.new_empty(B, dtype=acc)  # noqa: E731
+    feat = lambda: image_feat.new_empty(B, D, dtype=acc)  # noqa: E731
+    stats = lambda: image_feat.new_empty(3, B, dtype=acc)  # noqa: E731
+    return row(), row(), feat(), feat(), row(), row(), stats(), stats()
+
+
+@torch.library.custom_op("softmask::focal_itc_key_grad", mutates_args=())
+def _focal_itc_key_grad(q: Tensor, k: Tensor, temperature: Tensor, stats: Tensor, w: Tensor, backend: str) -> Tensor:
+    """``sum_i w_i dL_i/dK`` for one-hot targets, [N, D] in the accumulation dtype."""
+    return _key_grad(q, k, temperature.detach(), stats, w, backend)
+
+
+@_focal_itc_key_grad.register_fake
+def _(q, k, temperature, stats, w, backend):
+    return k.new_empty(k.shape, dtype=accum_dtype(k.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    image_feat, text_feat, temperature, image_keys, text_keys, _, _, _, _, backend = inputs
+    _, _, dq1, dq2, dt1, dt2, st1, st2 = output
+    ctx.clip = text_keys is None
+    ctx.backend = backend
+    ctx.save_for_backward(image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _backward(ctx, g1, g2, *_unused):
+    image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2 = ctx.saved_tensors
+    g1 = torch.zeros_like(dt1) if g1 is None else g1.to(dt1.dtype)
+    g2 = torch.zeros_like(dt2) if g2 is None else g2.to(dt2.dtype)
+    d_image = d_text = d_tau = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        d_image = g1[:, None] * dq1
+        d_text = g2[:, None] * dq2
+        if ctx.clip:  # the keys are the other side's online features
+            d_image = d_image + _focal_itc_key_grad(text_feat, image_feat, temperature, st2, g2, ctx.backend)
+            d_text = d_text + _focal_itc_key_grad(image_feat, text_feat, temperature, st1, g1, ctx.backend)
+        d_image = d_image.to(image_feat.dtype)
+        d_text = d_text.to(text_feat.dtype)
+    if ctx.needs_input_grad[2]:
+        d_tau = (g1 * dt1 + g2 * dt2).sum().to(temperature.dtype)
+    return d_image, d_text, d_tau, None, None, None, None, None, None, None
+
+
+_focal_itc_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_temperature(temperature, ref: Tensor) -> Tensor:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, Tensor)):
+        raise TypeError(f"temperature: expected a Python float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not isinstance(temperature, Tensor):
+        t = float(temperature)
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"temperature: expected a finite value > 0, got {t}")
+        return torch.tensor(t, dtype=accum_dtype(ref.dtype), device=ref.device)
+    check_tensor("temperature", temperature, ndim=0)
+    if temperature.device != ref.device:
+        raise ValueError(f"temperature: expected device {ref.device} (as image_feat), got {temperature.device}")
+    if not torch.compiler.is_compiling():
+        # One scalar read from the device (a sync on CUDA): a non-positive temperature
+        # would otherwise flip every logit's sign and train silently wrong.
+        t = float(temperature.detach())
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"temperature: expected a finite value > 0, got {t}")
+    return temperature
+
+
+def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction):
+    check_tensor("image_feat", image_feat, ndim=2)
+    check_tensor("text_feat", text_feat, ndim=2)
+    check_same("text_feat", text_feat, "image_feat", image_feat)
+    if text_feat.shape != image_feat.shape:
+        raise ValueError(
+            f"text_feat: expected shape {tuple(image_feat.shape)} (as image_feat [B, D]), got {tuple(text_feat.shape)}"
+        )
+    B, D = image_feat.shape
+    if B == 0 or D == 0:
+        raise ValueError(f"image_feat: expected a non-empty [B, D] tensor, got shape {tuple(image_feat.shape)}")
+    if (image_keys is None) != (text_keys is None):
+        given, missing = ("image_keys", "text_keys") if text_keys is None else ("text_keys", "image_keys")
+        raise ValueError(f"{missing}: expected a [N, D] key bank since {given} is given (or both None), got None")
+    for name, keys in (("text_keys", text_keys), ("image_keys", image_keys)):
+        if keys is None:
+            continue
+        check_tensor(name, keys, ndim=2)
+        check_same(name, keys, "image_feat", image_feat)
+        check_size(name, keys, 1, D, "D, as image_feat")
+        if keys.shape[0] < B:
+            raise ValueError(f"{name}: expected N >= B = {B} keys (row i's positive is key i), got N = {keys.shape[0]}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma: expected a Python float, got {type(gamma).__name__}")
+    if not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma: expected a finite value >= 0, got {gamma}")
+    alpha = check_fraction("alpha", alpha)
+    for name, feat in (("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
+        if feat is None:
+            if alpha > 0:
+                raise ValueError(f"{name}: expected momentum features [B, D] since alpha = {alpha} > 0, got None")
+            continue
+        check_tensor(name, feat, ndim=2)
+        check_same(name, feat, "image_feat", image_feat)
+        if feat.shape != image_feat.shape:
+            raise ValueError(f"{name}: expected shape {tuple(image_feat.shape)} (as image_feat), got {tuple(feat.shape)}")
+    if alpha > 0 and text_keys is None:
+        raise ValueError(
+            f"text_keys: momentum distillation (alpha = {alpha} > 0) needs the key banks image_keys and text_keys, got None"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return float(gamma), alpha
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def focal_itc_loss(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    temperature,
+    *,
+    gamma: float = 2.0,
+    image_keys: Optional[Tensor] = None,
+    text_keys: Optional[Tensor] = None,
+    image_feat_m: Optional[Tensor] = None,
+    text_feat_m: Optional[Tensor] = None,
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Focal image-text contrastive loss with momentum distillation and key queues,
+    computed without materializing the ``[B, N]`` logits.
+
+    For each direction (image-to-text: queries ``image_feat``, keys ``text_keys``,
+    momentum queries ``image_feat_m``; text-to-image: ``text_feat``, ``image_keys``,
+    ``text_feat_m``)::
+
+        z = Q @ K.T / temperature                     # (B, N), never built by triton/torch
+        p = softmax(z, dim=1)
+        q = alpha * softmax(Qm @ K.T / temperature, dim=1) + (1 - alpha) * one_hot(arange(B), N)
+        L_row = -(q * (1 - p) ** gamma * log(p)).sum(1)           # (B,)
+
+    and ``rows = (L_row_i2t + L_row_t2i) / 2``; ``reduction`` "mean" gives
+    ``rows.mean()`` (ALBEF's ITC loss at ``gamma = 0``), "sum" ``rows.sum()``,
+    "none" ``rows`` [B]. ``gamma = alpha = 0`` is ``F.cross_entropy(z, arange(B))``
+    averaged over the two directions.
+
+    Args:
+        image_feat, text_feat: [B, D] online (normalized) features; gradients flow.
+        temperature: Python float or 0-dim tensor (a learnable Parameter receives its
+            gradient). Must be > 0; a tensor is read once on the host to check it
+            (skipped under ``torch.compile``).
+        gamma: focal exponent >= 0.
+        text_keys, image_keys: [N, D] key banks (N >= B, row i's positive is key i;
+            ALBEF: ``[momentum features of the batch; queue]``). Treated as constants:
+            no gradient reaches them. Both None selects the CLIP mode: each direction
+            uses the other modality's online batch features as keys and gradients flow
+            into both sides.
+        image_feat_m, text_feat_m: [B, D] momentum features for the distillation
+            targets; required when ``alpha > 0`` (which also needs the key banks).
+        alpha: distillation weight in [0, 1].
+        reduction: "mean" | "sum" | "none".
+        backend: "auto" (triton on CUDA, torch elsewhere) | "triton" | "torch" | "reference".
+
+    Returns:
+        The loss, float32 for float16/bfloat16/float32 inputs and float64 for float64;
+        a scalar, or [B] for ``reduction="none"``.
+
+    Inputs are float16, bfloat16, float32 or float64, all of one dtype and device;
+    any stride. The triton backend needs D <= 1024. Accumulation is float32 (float64
+    for float64 inputs). No inf/NaN for temperatures down to 0.001 and any gamma >= 0.
+    Gradients: the forward computes ``dL/dfeatures`` and ``dL/dtemperature`` in the
+    same sweeps over the key bank, and the backward only scales them (plus one sweep
+    for the key gradient in CLIP mode). Double backward is not supported.
+    """
+    gamma, alpha = _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha,
+                             reduction)
+    temperature = _check_temperature(temperature, image_feat)
+    backend = resolve_backend(backend, image_feat.device)
+    if backend == "triton":
+        from softmask.kernels.focal_itc import MAX_D
+
+        if image_feat.shape[1] > MAX_D:
+            raise ValueError(
+                f"image_feat: backend='triton' supports D <= {MAX_D}, got D = {image_feat.shape[1]}; use backend='torch'"
+            )
+    if alpha == 0:
+        image_feat_m = text_feat_m = None
+    if backend == "reference":
+        return reference.focal_itc_loss_reference(
+            image_feat, text_feat, temperature, gamma=gamma, image_keys=image_keys, text_keys=text_keys,
+            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha, reduction=reduction,
+        )
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    out = _focal_itc_rows(
+        image_feat, text_feat, temperature, detach(image_keys), detach(text_keys), detach(image_feat_m),
+        detach(text_feat_m), gamma, alpha, backend,
+    )
+    rows = 0.5 * (out[0] + out[1])
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
 
 
 class FocalITCLoss(torch.nn.Module):
-    def __init__(self, gamma=2.0, alpha=0.0, reduction="mean", backend="auto"):
-        super().__init__()
-        self.gamma, self.alpha, self.reduction, self.backend = gamma, alpha, reduction, backend
+    """Module form of :func:`focal_itc_loss`; ``forward`` takes the same arguments
+    (features, temperature and the keyword key banks / momentum features)."""
 
-    def forward(self, image_feat, text_feat, temperature, **kw):
-        return focal_itc_loss(image_feat, text_feat, temperature, gamma=self.gamma, alpha=self.alpha,
-                              reduction=self.reduction, backend=self.backend, **kw)
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.gamma = gamma
+        self.alpha = alpha
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(
+        self,
+        image_feat: Tensor,
+        text_feat: Tensor,
+        temperature,
+        *,
+        image_keys: Optional[Tensor] = None,
+        text_keys: Optional[Tensor] = None,
+        image_feat_m: Optional[Tensor] = None,
+        text_feat_m: Optional[Tensor] = None,
+    ) -> Tensor:
+        return focal_itc_loss(
+            image_feat, text_feat, temperature, gamma=self.gamma, image_keys=image_keys, text_keys=text_keys,
+            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=self.alpha, reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, backend={self.backend!r}"
