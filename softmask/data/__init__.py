@@ -1,1 +1,204 @@
-"""softmask.data"""
+"""softmask.data: the synthetic shapes data set, caption-JSON data sets, the tokenizer,
+augmentations, batch collation and word-position helpers."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from softmask.data.augment import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    CaptionSafeRandAugment,
+    denormalize,
+    image_transform,
+    mask_tokens,
+)
+from softmask.data.json_dataset import CaptionJsonDataset
+from softmask.data.shapes import COLORS, RELATIONS, SHAPES, ShapesDataset
+from softmask.data.tokenizer import (
+    SPECIAL_TOKENS,
+    build_shapes_tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+)
+
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "RELATIONS",
+    "ShapesDataset",
+    "CaptionJsonDataset",
+    "SPECIAL_TOKENS",
+    "build_shapes_tokenizer",
+    "load_tokenizer",
+    "get_tokenizer",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "CaptionSafeRandAugment",
+    "image_transform",
+    "denormalize",
+    "mask_tokens",
+    "build_dataset",
+    "Collator",
+    "word_positions",
+    "candidate_word_mask",
+]
+
+
+def build_dataset(
+    spec: str,
+    split: str,
+    image_size: int,
+    *,
+    train: bool,
+    image_root: Optional[str] = None,
+    seed: int = 0,
+    size: Optional[int] = None,
+):
+    """Data set from a spec: ``"shapes"`` → :class:`ShapesDataset` (``split``, ``size``,
+    ``seed``); a path ending in ``.json`` → :class:`CaptionJsonDataset` (``split``,
+    ``seed`` and ``size`` are ignored: one JSON file is one split). Both use
+    ``image_transform(image_size, train)``.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec: expected 'shapes' or a path to a .json file, got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    transform = image_transform(image_size, train)
+    if spec == "shapes":
+        return ShapesDataset(split=split, size=size, image_size=image_size, seed=seed, transform=transform)
+    if spec.lower().endswith(".json"):
+        return CaptionJsonDataset(spec, image_root=image_root, transform=transform)
+    raise ValueError(f"spec: expected 'shapes' or a path ending in .json, got {spec!r}")
+
+
+class Collator:
+    """Batch a list of data-set items (``None`` items are dropped).
+
+    ``collate(items)`` returns a dict:
+
+    - ``"image"``: FloatTensor[B, 3, S, S] (items must carry transformed tensors),
+    - ``"input_ids"``, ``"attention_mask"``: LongTensor[B, max_len] (padded to
+      ``max_len``, truncated, [CLS] first),
+    - ``"captions"``: list[str] (B), ``"objects"``: list[list[dict]] (B),
+    - ``"index"``: LongTensor[B], ``"image_id"``: LongTensor[B],
+    - ``"num_dropped"``: int, ``None`` items dropped from this batch (an addition, so
+      that training loops can sum drops across DataLoader worker processes).
+
+    :attr:`num_dropped` counts dropped items over all calls in this process. When
+    every item of a batch is ``None`` the call returns ``None``: skip that step.
+    """
+
+    def __init__(self, tokenizer, max_len: int):
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len: expected an int >= 2 (room for [CLS] and [SEP]), got {max_len!r}")
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.num_dropped = 0
+
+    def __call__(self, items: Sequence[Optional[dict]]) -> Optional[dict]:
+        kept = [it for it in items if it is not None]
+        dropped = len(items) - len(kept)
+        self.num_dropped += dropped
+        if not kept:
+            return None
+        images = [it["image"] for it in kept]
+        if not all(isinstance(im, torch.Tensor) for im in images):
+            bad = next(type(im).__name__ for im in images if not isinstance(im, torch.Tensor))
+            raise TypeError(f"items[*]['image']: expected tensors (give the data set a transform), got {bad}")
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"items[*]['image']: expected one shape [3, S, S] for the batch, got {sorted(shapes)}")
+        captions = [it["caption"] for it in kept]
+        enc = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt"
+        )
+        return {
+            "image": torch.stack(images).float(),
+            "input_ids": enc["input_ids"].long(),
+            "attention_mask": enc["attention_mask"].long(),
+            "captions": captions,
+            "objects": [list(it.get("objects", [])) for it in kept],
+            "index": torch.tensor([int(it["index"]) for it in kept], dtype=torch.long),
+            "image_id": torch.tensor([int(it.get("image_id", it["index"])) for it in kept], dtype=torch.long),
+            "num_dropped": dropped,
+        }
+
+
+def _word_ids(tokenizer, word: str) -> list[int]:
+    return list(tokenizer(word, add_special_tokens=False)["input_ids"])
+
+
+def _positions_one(ids: list[int], tokenizer, words: Sequence[str], special: set) -> list[int]:
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    continuation = [isinstance(t, str) and t.startswith("##") for t in tokens]
+    out: list[int] = []
+    used: dict[str, int] = {}
+    for word in words:
+        pieces = _word_ids(tokenizer, word)
+        found = -1
+        if pieces:
+            start_from = used.get(word, 0)
+            n = len(pieces)
+            for p in range(start_from, len(ids) - n + 1):
+                if ids[p] in special or continuation[p]:
+                    continue
+                if ids[p : p + n] != pieces:
+                    continue
+                if p + n < len(ids) and continuation[p + n]:
+                    continue  # a prefix of a longer word
+                found = p
+                break
+        if found >= 0:
+            used[word] = found + 1  # a repeated word matches its next occurrence
+        out.append(found)
+    return out
+
+
+def word_positions(input_ids: torch.Tensor, tokenizer, words):
+    """Token position of each word in tokenized captions (its first WordPiece sub-token).
+
+    Args:
+        input_ids: LongTensor[B, L] (with ``words`` a list of B lists of str), or
+            LongTensor[L] (with ``words`` a list of str).
+        tokenizer: the tokenizer that produced ``input_ids``.
+        words: the words to find, e.g. the ``"word"`` of every object. The k-th
+            occurrence of the same word in a list matches the k-th occurrence in the
+            caption (objects are listed in caption order).
+
+    Returns:
+        list[list[int]] (B lists) or list[int]: the position in ``[0, L)`` of the
+        word's first sub-token, or -1 where the word is absent (e.g. truncated).
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+    special = set(int(i) for i in tokenizer.all_special_ids)
+    if input_ids.dim() == 1:
+        if not all(isinstance(w, str) for w in words):
+            raise TypeError("words: with 1-D input_ids expected a list of str")
+        return _positions_one(input_ids.tolist(), tokenizer, words, special)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected shape [B, L] or [L], got {tuple(input_ids.shape)}")
+    if len(words) != input_ids.shape[0]:
+        raise ValueError(f"words: expected {input_ids.shape[0]} lists (one per row of input_ids), got {len(words)}")
+    return [_positions_one(row, tokenizer, ws, special) for row, ws in zip(input_ids.tolist(), words)]
+
+
+def candidate_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer) -> torch.Tensor:
+    """BoolTensor[B, L]: True where a token may be chosen as the soft-mask word.
+
+    False at [CLS], [SEP], [PAD], [MASK] and wherever ``attention_mask`` is 0. A row
+    can be all False (an empty caption): callers must handle it.
+    """
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+        raise TypeError("input_ids, attention_mask: expected torch.Tensors")
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids, attention_mask: expected equal shapes [B, L], got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    excluded = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id]
+    excluded = torch.tensor([int(i) for i in excluded if i is not None], dtype=input_ids.dtype, device=input_ids.device)
+    return (attention_mask != 0) & ~torch.isin(input_ids, excluded)

@@ -1,0 +1,111 @@
+"""ALBEF / COCO-style caption JSON data sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class CaptionJsonDataset(torch.utils.data.Dataset):
+    """Image-caption pairs from a JSON list ``[{"image": path, "caption": str | [str, ...]}, ...]``.
+
+    A list caption gives one item per caption (all sharing one image id). Relative
+    image paths are joined to ``image_root`` when given, otherwise to the folder of
+    the JSON file; absolute paths are used as they are. Other keys of an entry are
+    ignored.
+
+    ``ds[i]`` is ``{"image": transform(PIL RGB) or PIL, "caption": str, "objects": [],
+    "index": i, "image_id": int}`` (``image_id`` indexes :attr:`image_paths`), or
+    ``None`` when the image is missing or unreadable: the path and reason are given
+    with ``warnings.warn`` and :attr:`num_skipped` is incremented (per process: with
+    DataLoader workers each worker counts its own; :class:`softmask.data.Collator`
+    reports dropped items per batch). Nothing raises mid-epoch.
+
+    Attributes:
+        image_paths: list[str], resolved path of every distinct image (first-seen order).
+        txt2img: list[int], image id of every item (caption).
+        img2txt: list[list[int]], item indices of every image, for retrieval metrics.
+        num_skipped: int, items returned as None so far in this process.
+
+    Raises:
+        FileNotFoundError: ``json_path`` does not exist.
+        ValueError: the file is not valid JSON or not a list of such entries (the
+            message names the file and the entry index).
+    """
+
+    def __init__(self, json_path: str, image_root: Optional[str] = None, transform=None):
+        json_path = os.fspath(json_path)
+        if not os.path.isfile(json_path):
+            raise FileNotFoundError(f"json_path: no such file {json_path!r}")
+        try:
+            with open(json_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{json_path}: not valid JSON: {e}") from e
+        if not isinstance(data, list):
+            raise ValueError(f"{json_path}: expected a JSON list of {{'image', 'caption'}} entries, got {type(data).__name__}")
+        root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(json_path))
+        self.json_path = json_path
+        self.image_root = root
+        self.transform = transform
+        self.num_skipped = 0
+        self.image_paths: list[str] = []
+        self.captions: list[str] = []
+        self.txt2img: list[int] = []
+        self.img2txt: list[list[int]] = []
+        path_ids: dict[str, int] = {}
+        for k, entry in enumerate(data):
+            where = f"{json_path}: entry {k}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: expected an object with 'image' and 'caption', got {type(entry).__name__}")
+            image, caption = entry.get("image"), entry.get("caption")
+            if not isinstance(image, str) or not image:
+                raise ValueError(f"{where}: 'image' must be a non-empty string path, got {image!r}")
+            if isinstance(caption, str):
+                caps = [caption]
+            elif isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
+                caps = caption
+            else:
+                raise ValueError(f"{where}: 'caption' must be a string or a non-empty list of strings, got {caption!r}")
+            path = image if os.path.isabs(image) else os.path.join(root, image)
+            if path not in path_ids:
+                path_ids[path] = len(self.image_paths)
+                self.image_paths.append(path)
+                self.img2txt.append([])
+            img_id = path_ids[path]
+            for c in caps:
+                self.img2txt[img_id].append(len(self.captions))
+                self.captions.append(c)
+                self.txt2img.append(img_id)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> Optional[dict]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index: expected 0 <= index < {len(self)}, got {index}")
+        img_id = self.txt2img[index]
+        path = self.image_paths[img_id]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")  # forces a full decode: truncated files fail here
+        except FileNotFoundError:
+            return self._skip(path, "file not found")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            return self._skip(path, f"unreadable image ({type(e).__name__}: {e})")
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "caption": self.captions[index], "objects": [], "index": index, "image_id": img_id}
+
+    def _skip(self, path: str, reason: str) -> None:
+        self.num_skipped += 1
+        warnings.warn(f"skipping image {path}: {reason}", RuntimeWarning, stacklevel=3)
+        return None
