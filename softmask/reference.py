@@ -132,8 +132,10 @@ def word_gradcam_reference(query, key, value, grad_context, word_index, *, key_p
 
 def soft_mask_from_cam_reference(cam, *, key_padding_mask=None, floor: float = 0.0) -> torch.Tensor:
     """Min-max normalize ``cam`` over the valid patch keys ``1..N-1`` and return
-    ``mask = 1 - (1 - floor) * c`` with ``mask[:, 0] = 1``, padded keys 1, flat maps 1."""
+    ``mask = 1 - (1 - floor) * c`` with ``mask[:, 0] = 1``, padded keys 1, flat maps 1.
+    Computed and returned in float32 (float64 for a float64 cam)."""
     B, N = cam.shape
+    cam = cam.to(_acc(cam.dtype))
     valid = torch.ones(B, N, dtype=torch.bool, device=cam.device)
     if key_padding_mask is not None:
         valid &= key_padding_mask
