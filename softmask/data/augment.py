@@ -46,9 +46,9 @@ class CaptionSafeRandAugment(transforms.RandAugment):
         super().__init__(num_ops=num_ops, magnitude=magnitude, interpolation=InterpolationMode.BILINEAR, fill=fill)
         self.ops = tuple(ops)
         probe = super()._augmentation_space(31, (32, 32))
-        unknown = [o for o in self.ops if o not in probe]
-        if unknown or not self.ops:
-            raise ValueError(f"ops: expected a non-empty subset of {tuple(probe)}, got {self.ops}")
+        allowed = tuple(o for o in SAFE_RANDAUGMENT_OPS if o in probe)
+        if not self.ops or any(o not in allowed for o in self.ops):
+            raise ValueError(f"ops: expected a non-empty subset of the caption-safe ops {allowed}, got {self.ops}")
 
     def _augmentation_space(self, num_bins, image_size):
         space = super()._augmentation_space(num_bins, image_size)
