@@ -432,3 +432,41 @@ def test_candidate_word_mask(tok):
     assert m.sum(1).tolist() == [3, 6]
     toks = tok.convert_ids_to_tokens(ids[1].tolist())
     assert not m[1, toks.index("[MASK]")] and m[1, toks.index("square")]
+
+
+def test_dataloader_with_workers(json_set, tok):
+    path, root = json_set
+    ds = build_dataset(str(path), "test", 32, train=False, image_root=str(root))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=Collator(tok, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    # items 2, 3 and 5 are unreadable: batch 1 keeps items 0, 1; batch 2 keeps item 4
+    assert [b["index"].tolist() for b in batches] == [[0, 1], [4]]
+    assert sum(b["num_dropped"] for b in batches) == 3
+    shapes = build_dataset("shapes", "train", 64, train=True, size=10)
+    loader = torch.utils.data.DataLoader(shapes, batch_size=4, num_workers=2, collate_fn=Collator(tok, 16))
+    assert [b["image"].shape[0] for b in loader] == [4, 4, 2]
+
+
+def test_local_bert_tokenizer_directory(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = SPECIAL_TOKENS + ["a", "red", "circle", "hex", "##agon", "left", "of"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    try:  # transformers 5 takes the vocabulary itself, 4.x a vocab.txt path
+        bert = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})
+    except TypeError:
+        bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    if len(bert) != len(vocab):
+        bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    bert.save_pretrained(str(tmp_path / "bert"))
+    tok = get_tokenizer(str(tmp_path / "bert"))
+    enc = tok(["a red hexagon left of a circle"], padding="max_length", max_length=12, return_tensors="pt")
+    ids = enc["input_ids"]
+    assert ids[0, 0] == tok.cls_token_id
+    assert tok.convert_ids_to_tokens(ids[0, 3:5].tolist()) == ["hex", "##agon"]
+    # a word split into sub-tokens points at its first sub-token; "hex" alone is not a word here
+    assert word_positions(ids, tok, [["hexagon", "circle", "hex"]]) == [[3, 8, -1]]
+    m = candidate_word_mask(ids, enc["attention_mask"], tok)
+    assert m[0].tolist() == [False] + [True] * 8 + [False] * 3
