@@ -18,7 +18,7 @@ and in the same pass the rescaled accumulations ``sum_j p_j K_j`` and
 costs no second sweep because ``S`` is a row scalar.
 Sweep 2 (only with momentum targets): the loss, ``S``, ``sum_j q_j g_j K_j`` and
 ``sum_j q_j g_j z_j``. With one-hot targets only the diagonal term remains and is
-computed from ``z_ii = Q_i . K_i / tau`` directly: one sweep in all.
+computed from the diagonal of the sweep's tiles: one sweep in all.
 
 Work per direction: one-hot targets 2 matmuls of ``B*N*D`` MACs (z, p@K);
 momentum targets 6 (z, zm, p@K; z, zm, qg@K). Minimum bytes: K read once per
@@ -111,6 +111,7 @@ def _focal_itc_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     s_i = tl.zeros([BLOCK_M], ACC)
     pz_i = tl.zeros([BLOCK_M], ACC)
+    z_ii = tl.zeros([BLOCK_M], ACC)
     acc_pk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -120,12 +121,15 @@ def _focal_itc_fwd_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
         z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
+        z = tl.where(cmask[None, :], z, 0.0)  # padded columns of K are zero rows
+        m_new = tl.maximum(m_i, tl.max(tl.where(cmask[None, :], z, float("-inf")), 1))
         scale = tl.exp(m_i - m_new)
-        e = tl.exp(z - m_new[:, None])
+        e = tl.where(cmask[None, :], tl.exp(z - m_new[:, None]), 0.0)
         s_i = s_i * scale + tl.sum(e, 1)
-        pz_i = pz_i * scale + tl.sum(tl.where(cmask[None, :], e * z, 0.0), 1)
+        pz_i = pz_i * scale + tl.sum(e * z, 1)
+        # The positive's logit from the same tile as the lse, so that a saturated row
+        # gives log p_ii == 0 exactly (a separate dot product could round differently).
+        z_ii += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), 1)
         acc_pk = acc_pk * scale[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
         if HAS_TARGETS:
@@ -138,9 +142,7 @@ def _focal_itc_fwd_kernel(
     acc_pk = acc_pk / s_i[:, None]  # sum_j p_j K_j
     pz_i = pz_i / s_i  # sum_j p_j z_j
 
-    # ---- diagonal (positive) term: z_ii = Q_i . K_i / tau
-    k_diag = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=qd_mask, other=0.0)
-    z_ii = tl.sum(q.to(ACC) * k_diag.to(ACC), 1) * inv_tau
+    # ---- diagonal (positive) term
     l_ii = z_ii - lse
     t_ii, g_ii = _focal_terms(l_ii, tl.exp(l_ii), gamma, ACC == tl.float64)
 
@@ -175,6 +177,7 @@ def _focal_itc_fwd_kernel(
         loss = -t_ii * l_ii
         s_row = g_ii
         qgz = g_ii * z_ii
+        k_diag = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=qd_mask, other=0.0)
         acc_qgk = g_ii[:, None] * k_diag.to(ACC)
 
     dq = (s_row[:, None] * acc_pk - acc_qgk) * inv_tau
