@@ -1,0 +1,320 @@
+"""ALBEF-style vision-language model with text-driven soft masks and focal ITC.
+
+Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
+
+* ``loss_itc``: :func:`softmask.focal_itc_loss` of the online features against
+  ``[momentum features of the batch; queue]`` with momentum-distillation
+  targets (weight ``alpha``), focal exponent ``gamma``.
+* ``loss_itm``: cross-entropy of the ITM head over B positives, B (text, hard
+  negative image) and B (image, hard negative text) pairs; negatives drawn from
+  the softmax of the in-batch similarities, diagonal (and, by default, pairs with
+  the same caption) excluded.
+* ``loss_softmask``: per pair, a random caption word; the gradient of the
+  positive ITM logits with respect to the Grad-CAM layer's attention output
+  (``torch.autograd.grad``, parameter gradients untouched, attention dropout off
+  on that layer); :func:`softmask.text_driven_soft_mask` dims the image tokens
+  most tied to the word; one more fusion pass of (caption, masked image),
+  labelled as a match.
+* ``loss_mlm``: masked-token prediction (15 %, 80/10/10) from the fusion encoder.
+
+With ``text_aug`` (multi-modal augmentation) ITC and ITM see the masked
+caption, and the MLM logits come from the positive ITM fusion pass (same
+inputs as ALBEF's MLM pass); without it they see the clean caption and MLM has
+its own text + fusion pass, as in ALBEF.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import softmask
+from softmask.model.config import ModelConfig
+from softmask.model.layers import FusionEncoder, MLMHead, TextEncoder
+
+__all__ = ["SoftMaskALBEF", "build_vision_encoder", "all_gather_nograd"]
+
+
+def build_vision_encoder(cfg: ModelConfig) -> nn.Module:
+    """timm VisionTransformer without a classifier head (random init, nothing downloaded)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.vision_width,
+        depth=cfg.vision_depth,
+        num_heads=cfg.vision_heads,
+        mlp_ratio=cfg.vision_mlp_ratio,
+        qkv_bias=True,
+        num_classes=0,
+        drop_path_rate=cfg.vision_drop_path,
+    )
+    set_vit_attention(vit, cfg.attn_impl)
+    return vit
+
+
+def set_vit_attention(vit: nn.Module, attn_impl: str) -> None:
+    """timm blocks use SDPA when ``fused_attn``; the reference path uses their eager softmax."""
+    for blk in vit.blocks:
+        if hasattr(blk.attn, "fused_attn"):
+            blk.attn.fused_attn = attn_impl != "eager"
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` per rank -> ``[world * B, D]`` (rank order); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+class SoftMaskALBEF(nn.Module):
+    """The model. Inputs of :meth:`forward`:
+
+    image ``[B, 3, S, S]`` (normalized), input_ids / attention_mask ``[B, L]``,
+    mlm_input_ids / mlm_labels ``[B, L]`` (from :func:`softmask.data.mask_tokens`,
+    labels -100 where not predicted), word_candidates ``Bool[B, L]`` (the caption
+    words the soft mask may pick: never [CLS]/[SEP]/[PAD]/[MASK]), alpha (the
+    current distillation weight).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual_encoder = build_vision_encoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.fusion_encoder = FusionEncoder(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.hidden_size, 2)
+        self.mlm_head = MLMHead(cfg)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temperature)))
+
+        # momentum copies (EMA), never trained by the optimizer
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+        # queues, row layout [Q, D], initialized with random unit vectors (ALBEF)
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ parameter groups
+
+    def _pairs(self):
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    def momentum_parameters(self):
+        for _, m in self._pairs():
+            yield from m.parameters()
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch every attention (ViT, text, fusion, momentum copies) to ``impl``."""
+        self.cfg = self.cfg.replace(attn_impl=impl)
+        for mod in self.modules():
+            if hasattr(mod, "impl") and hasattr(mod, "attn_dropout"):
+                mod.impl = impl
+        set_vit_attention(self.visual_encoder, impl)
+        set_vit_attention(self.visual_encoder_m, impl)
+
+    @torch.no_grad()
+    def copy_to_momentum(self) -> None:
+        """Momentum copies := online weights (after loading pretrained weights)."""
+        for online, m in self._pairs():
+            m.load_state_dict(online.state_dict())
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``p_m = m * p_m + (1 - m) * p`` for every momentum parameter."""
+        online, mom = [], []
+        for o, m in self._pairs():
+            online += [p.detach() for p in o.parameters()]
+            mom += list(m.parameters())
+        torch._foreach_mul_(mom, self.cfg.momentum)
+        torch._foreach_add_(mom, online, alpha=1.0 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        """Write the (all-gathered) momentum features ``[B, D]`` into the ring queues."""
+        Q = self.cfg.queue_size
+        if Q == 0:
+            return
+        img, txt = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m)
+        n = img.shape[0]
+        if n >= Q:
+            img, txt, n = img[-Q:], txt[-Q:], Q
+        ptr = int(self.queue_ptr)
+        idx = (torch.arange(n, device=img.device) + ptr) % Q
+        self.image_queue[idx] = img.to(self.image_queue.dtype)
+        self.text_queue[idx] = txt.to(self.text_queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % Q)
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_image(self, image: torch.Tensor):
+        """``image [B,3,S,S] -> (embeds [B, 1+P, Dv], feat [B, E] unit-norm)``."""
+        embeds = self.visual_encoder.forward_features(image)
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0]).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """``ids [B, L] -> (embeds [B, L, hidden], feat [B, E] unit-norm)``."""
+        embeds = self.text_encoder(input_ids, attention_mask)
+        return embeds, F.normalize(self.text_proj(embeds[:, 0]).float(), dim=-1)
+
+    def itm_logits(self, text_embeds, attention_mask, image_embeds, capture_layer=None):
+        """Fusion pass + ITM head: ``-> (logits [B, 2], fused [B, L, hidden], Captured | None)``."""
+        fused, cap = self.fusion_encoder(text_embeds, attention_mask, image_embeds, capture_layer)
+        return self.itm_head(fused[:, 0]), fused, cap
+
+    def word_gradcam_inputs(self, text_embeds, attention_mask, image_embeds, *, retain_graph=True):
+        """Positive ITM logits and the Grad-CAM layer's (q, k, v, grad_context).
+
+        ``grad_context = d sum_b logits[b, 1] / d context`` at ``cfg.gradcam_layer``,
+        computed with :func:`torch.autograd.grad` (a partial backward: parameter
+        ``.grad`` fields are not touched). Returns ``(logits [B, 2], fused, q, k, v, grad_context)``;
+        q/k/v/grad_context are detached.
+        """
+        with torch.enable_grad():
+            logits, fused, cap = self.itm_logits(
+                text_embeds, attention_mask, image_embeds, capture_layer=self.cfg.gradcam_layer
+            )
+            (grad_ctx,) = torch.autograd.grad(
+                logits[:, 1].sum(), cap.context, retain_graph=retain_graph
+            )
+        return logits, fused, cap.query.detach(), cap.key.detach(), cap.value.detach(), grad_ctx.detach()
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        mlm_input_ids: torch.Tensor,
+        mlm_labels: torch.Tensor,
+        word_candidates: Optional[torch.Tensor] = None,
+        alpha: float = 0.0,
+    ) -> dict:
+        """All losses of one step: ``{"loss", "loss_itc", "loss_itm", "loss_softmask", "loss_mlm"}``
+        (0-dim tensors; ``loss`` is the weighted sum), plus ``"mask_mean"`` (detached)."""
+        cfg = self.cfg
+        B = image.shape[0]
+        with torch.no_grad():
+            self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
+
+        text_ids = mlm_input_ids if cfg.text_aug else input_ids
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(text_ids, attention_mask)
+
+        # ---------------------------------------------------------------- ITC (focal, momentum distillation)
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.visual_encoder_m.forward_features(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
+            text_embeds_m = self.text_encoder_m(text_ids, attention_mask)
+            text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]).float(), dim=-1)
+            image_keys = torch.cat([image_feat_m, self.image_queue.clone().float()], dim=0)  # (B + Q, E)
+            text_keys = torch.cat([text_feat_m, self.text_queue.clone().float()], dim=0)  # (B + Q, E)
+        loss_itc = softmask.focal_itc_loss(
+            image_feat, text_feat, self.temp, gamma=cfg.gamma, image_keys=image_keys, text_keys=text_keys,
+            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=float(alpha), backend=cfg.op_backend,
+        )
+        self.enqueue(image_feat_m, text_feat_m)
+
+        # ---------------------------------------------------------------- ITM positives (+ Grad-CAM inputs)
+        if cfg.softmask:
+            pos_logits, fused_pos, q, k, v, grad_ctx = self.word_gradcam_inputs(
+                text_embeds, attention_mask, image_embeds
+            )
+        else:
+            pos_logits, fused_pos, _ = self.itm_logits(text_embeds, attention_mask, image_embeds)
+
+        # ---------------------------------------------------------------- ITM hard negatives
+        with torch.no_grad():
+            temp = self.temp.detach().float()
+            w_i2t = torch.softmax(image_feat @ text_feat_m.t() / temp, dim=1)  # (B, B)
+            w_t2i = torch.softmax(text_feat @ image_feat_m.t() / temp, dim=1)  # (B, B)
+            allowed = ~torch.eye(B, dtype=torch.bool, device=image.device)
+            if cfg.exclude_same_caption_negatives:
+                same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (B, B)
+                allowed &= ~same
+            # a row with no allowed negative falls back to any other pair
+            empty = ~allowed.any(1, keepdim=True)
+            allowed = torch.where(empty, ~torch.eye(B, dtype=torch.bool, device=image.device), allowed)
+            w_i2t = torch.where(allowed, w_i2t + 1e-5, torch.zeros_like(w_i2t))
+            w_t2i = torch.where(allowed, w_t2i + 1e-5, torch.zeros_like(w_t2i))
+            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)  # (B,) a hard negative text per image
+            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)  # (B,) a hard negative image per text
+        text_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)  # (2B, L, hidden)
+        mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)
+        image_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)  # (2B, N, Dv)
+        neg_logits, _, _ = self.itm_logits(text_all, mask_all, image_all)
+        itm_logits = torch.cat([pos_logits, neg_logits], dim=0).float()  # (3B, 2)
+        itm_labels = torch.cat(
+            [torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]
+        ).to(image.device)
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+
+        # ---------------------------------------------------------------- soft-masked positives
+        if cfg.softmask:
+            if word_candidates is None:
+                raise ValueError("word_candidates: required when cfg.softmask is True")
+            cand = word_candidates.bool() & attention_mask.bool()
+            # a caption without any candidate word keeps position 1 (mask computed, never all-special in practice)
+            cand[:, 1] |= ~cand.any(1)
+            word_index = torch.multinomial(cand.float(), 1).squeeze(1)  # (B,)
+            masked_embeds, mask = softmask.text_driven_soft_mask(
+                image_embeds, q, k, v, grad_ctx, word_index, floor=cfg.mask_floor, backend=cfg.op_backend
+            )
+            sm_logits, _, _ = self.itm_logits(text_embeds, attention_mask, masked_embeds)
+            loss_softmask = F.cross_entropy(sm_logits.float(), torch.ones(B, dtype=torch.long, device=image.device))
+            mask_mean = mask[:, 1:].mean().detach()
+        else:
+            loss_softmask = image_feat.new_zeros(())
+            mask_mean = image_feat.new_ones(())
+
+        # ---------------------------------------------------------------- MLM
+        if cfg.text_aug:
+            fused_mlm = fused_pos
+        else:
+            mlm_text = self.text_encoder(mlm_input_ids, attention_mask)
+            fused_mlm, _ = self.fusion_encoder(mlm_text, attention_mask, image_embeds)
+        sel = mlm_labels != -100
+        if bool(sel.any()):
+            mlm_logits = self.mlm_head(fused_mlm[sel]).float()  # (n_masked, vocab)
+            loss_mlm = F.cross_entropy(mlm_logits, mlm_labels[sel])
+        else:  # keep the head in the graph (DDP) with a zero loss
+            loss_mlm = self.mlm_head(fused_mlm[:, :1]).float().sum() * 0.0
+
+        loss = (
+            cfg.weight_itc * loss_itc
+            + cfg.weight_itm * loss_itm
+            + cfg.weight_softmask * loss_softmask
+            + cfg.weight_mlm * loss_mlm
+        )
+        return dict(
+            loss=loss,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_softmask=loss_softmask,
+            loss_mlm=loss_mlm,
+            mask_mean=mask_mean,
+        )

@@ -1,0 +1,149 @@
+"""Configuration of the ALBEF-style model with text-driven soft masks.
+
+:class:`ModelConfig` holds every architectural choice and every loss weight of
+the method; :func:`model_preset` gives the two presets:
+
+``tiny``
+    fits a 2-core CPU: timm ViT (64 px, patch 8, width 192, 4 blocks), BERT width
+    128 with 2 text and 2 fusion layers, embed dim 128, queue 1024, no dropout
+    (so that ``--impl fused`` and ``--impl reference`` consume the same random
+    numbers and agree per step).
+``base``
+    ALBEF's: ViT-B/16 at 256 px, BERT-base with 6 text and 6 fusion layers
+    (BERT layers 6-11 initialize the fusion layers), embed dim 256, queue 65,536,
+    Grad-CAM on the third fusion layer (BERT layer 8), as ALBEF's grounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+__all__ = ["ModelConfig", "model_preset", "PRESETS"]
+
+ATTN_IMPLS = ("auto", "sdpa", "eager")
+
+
+@dataclass
+class ModelConfig:
+    # ------------------------------------------------------------------ image encoder (timm ViT)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_depth: int = 4
+    vision_heads: int = 3
+    vision_mlp_ratio: float = 4.0
+    vision_drop_path: float = 0.0
+    # ------------------------------------------------------------------ text / fusion encoders (BERT layout)
+    vocab_size: int = 30522
+    hidden_size: int = 128
+    num_heads: int = 4
+    intermediate_size: int = 512
+    text_layers: int = 2
+    fusion_layers: int = 2
+    max_position_embeddings: int = 64
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    # ------------------------------------------------------------------ contrastive space, momentum, queues
+    embed_dim: int = 128
+    queue_size: int = 1024
+    momentum: float = 0.995
+    temperature: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    # ------------------------------------------------------------------ objectives
+    gamma: float = 2.0  # focal ITC exponent; 0 = plain ITC
+    alpha: float = 0.4  # momentum-distillation weight (ramped up by the training loop)
+    weight_itc: float = 1.0
+    weight_itm: float = 1.0
+    weight_softmask: float = 1.0
+    weight_mlm: float = 1.0
+    mlm_prob: float = 0.15
+    softmask: bool = True  # False: the --no-softmask ablation
+    mask_floor: float = 0.0  # soft mask value on the most word-related patch
+    gradcam_layer: int = 0  # index into the fusion layers (0-based); never the last one
+    text_aug: bool = True  # ITC/ITM see the masked-caption view; MLM shares the positive ITM fusion pass
+    exclude_same_caption_negatives: bool = True  # never sample a hard negative whose caption equals the positive's
+    # ------------------------------------------------------------------ execution
+    attn_impl: str = "auto"  # "auto": SDPA (xformers on CUDA when installed); "eager": materialized softmax
+    op_backend: str = "auto"  # backend of softmask.focal_itc_loss / text_driven_soft_mask
+
+    def __post_init__(self):
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if not (0 <= self.gradcam_layer < self.fusion_layers):
+            raise ValueError(
+                f"gradcam_layer: expected an index in [0, {self.fusion_layers}) (fusion layers), got {self.gradcam_layer}"
+            )
+        if self.softmask and self.gradcam_layer == self.fusion_layers - 1:
+            raise ValueError(
+                f"gradcam_layer: {self.gradcam_layer} is the last fusion layer, where the [CLS] ITM logit depends on "
+                f"no other token's cross-attention output (their Grad-CAM would be 0); use an earlier layer"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not (0.0 <= self.mask_floor <= 1.0):
+            raise ValueError(f"mask_floor: expected a value in [0, 1], got {self.mask_floor}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha: expected a value in [0, 1], got {self.alpha}")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size: expected >= 0, got {self.queue_size}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: the Grad-CAM maps are ``[grid, grid]``."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    "tiny": dict(),
+    "base": dict(
+        image_size=256,
+        patch_size=16,
+        vision_width=768,
+        vision_depth=12,
+        vision_heads=12,
+        vision_drop_path=0.1,
+        hidden_size=768,
+        num_heads=12,
+        intermediate_size=3072,
+        text_layers=6,
+        fusion_layers=6,
+        max_position_embeddings=512,
+        hidden_dropout=0.1,
+        attn_dropout=0.1,
+        embed_dim=256,
+        queue_size=65536,
+        gradcam_layer=2,
+    ),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The ``tiny`` or ``base`` configuration, with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,103 @@
+"""Load real weights from local paths only (nothing is ever downloaded).
+
+* ``vit_checkpoint``: a timm ViT state dict file (``.safetensors``, or a
+  ``torch.save`` file, optionally wrapped in ``{"model": ...}`` / ``{"state_dict": ...}``);
+  the position embeddings are resampled when the image size differs.
+* ``bert_dir``: a Hugging Face BERT directory (``model.safetensors`` or
+  ``pytorch_model.bin``; ``BertModel`` or ``BertForMaskedLM`` keys). BERT layers
+  ``0..text_layers-1`` initialize the text encoder, the following
+  ``fusion_layers`` layers the fusion encoder's self-attention and feed-forward
+  blocks (ALBEF: layers 6-11); the cross-attention stays randomly initialized.
+  ``cls.predictions`` initializes the MLM head when present.
+
+The momentum copies are set equal to the loaded online weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+
+__all__ = ["load_pretrained", "bert_key_map"]
+
+
+def _load_state(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained weights: {path!r} does not exist (weights load only from local paths)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for k in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and k in state and isinstance(state[k], dict):
+            state = state[k]
+    return state
+
+
+def bert_key_map(key: str, text_layers: int) -> Optional[str]:
+    """Map a Hugging Face BERT key to this model's key (None: not used)."""
+    key = re.sub(r"^bert\.", "", key)
+    if key.startswith("embeddings."):
+        return "text_encoder." + key
+    m = re.match(r"encoder\.layer\.(\d+)\.(.*)", key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i < text_layers:
+            return f"text_encoder.layer.{i}.{rest}"
+        return f"fusion_encoder.layer.{i - text_layers}.{rest}"
+    m = re.match(r"cls\.predictions\.(transform\..*|decoder\..*)", key)
+    if m:
+        return "mlm_head." + m.group(1)
+    if key == "cls.predictions.bias":
+        return "mlm_head.decoder.bias"
+    return None
+
+
+def _bert_state(bert_dir: str) -> dict:
+    if not os.path.isdir(bert_dir):
+        raise FileNotFoundError(f"bert_dir: {bert_dir!r} is not a directory (a local Hugging Face BERT directory)")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        p = os.path.join(bert_dir, name)
+        if os.path.exists(p):
+            return _load_state(p)
+    raise FileNotFoundError(f"bert_dir: {bert_dir!r} holds neither model.safetensors nor pytorch_model.bin")
+
+
+@torch.no_grad()
+def load_pretrained(model, *, vit_checkpoint: Optional[str] = None, bert_dir: Optional[str] = None) -> dict:
+    """Load local ViT / BERT weights into ``model`` (a SoftMaskALBEF). Returns a report
+    ``{"vit_loaded": n, "bert_loaded": n, "bert_skipped": [...]}``."""
+    report = {}
+    if vit_checkpoint:
+        state = _load_state(vit_checkpoint)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        vit = model.visual_encoder
+        if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+            from timm.layers import resample_abs_pos_embed
+
+            grid = vit.patch_embed.grid_size
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=1)
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"vit_checkpoint {vit_checkpoint}: missing keys {missing[:8]}")
+        report["vit_loaded"] = len(state) - len(unexpected)
+    if bert_dir:
+        state = _bert_state(bert_dir)
+        own = model.state_dict()
+        loaded, skipped = 0, []
+        for k, v in state.items():
+            tgt = bert_key_map(k, model.cfg.text_layers)
+            if tgt is None or tgt not in own:
+                skipped.append(k)
+                continue
+            if own[tgt].shape != v.shape:
+                raise ValueError(f"bert_dir {bert_dir}: {k} has shape {tuple(v.shape)}, model {tgt} has {tuple(own[tgt].shape)}")
+            own[tgt].copy_(v)
+            loaded += 1
+        report["bert_loaded"], report["bert_skipped"] = loaded, skipped
+    model.copy_to_momentum()
+    return report
