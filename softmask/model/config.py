@@ -4,7 +4,7 @@
 the method; :func:`model_preset` gives the two presets:
 
 ``tiny``
-    fits a 2-core CPU: timm ViT (64 px, patch 8, width 192, 4 blocks), BERT width
+    fits a 2-core CPU: timm ViT (64 px, patch 8, width 128, 4 blocks), BERT width
     128 with 2 text and 2 fusion layers, embed dim 128, queue 1024, no dropout
     (so that ``--impl fused`` and ``--impl reference`` consume the same random
     numbers and agree per step).
@@ -30,9 +30,9 @@ class ModelConfig:
     # ------------------------------------------------------------------ image encoder (timm ViT)
     image_size: int = 64
     patch_size: int = 8
-    vision_width: int = 192
+    vision_width: int = 128
     vision_depth: int = 4
-    vision_heads: int = 3
+    vision_heads: int = 4
     vision_mlp_ratio: float = 4.0
     vision_drop_path: float = 0.0
     # ------------------------------------------------------------------ text / fusion encoders (BERT layout)

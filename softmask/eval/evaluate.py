@@ -1,0 +1,279 @@
+"""Evaluation of a pretrained model: zero-shot retrieval, pointing game, pictures.
+
+* Retrieval (ALBEF's protocol): rank all held-out texts for each image (and all
+  images for each text) by ITC similarity, then rescore the top ``k`` with the
+  ITM head's match logit (the others get -100). ``tr_*`` / ``ir_*`` are
+  Recall@{1,5,10} in percent of the reranked scores, ``itc_tr_*`` / ``itc_ir_*``
+  those of the ITC similarities alone. Texts with exactly the same caption as
+  an image's own caption count as correct for text retrieval (they are the same
+  string, so no model can rank them apart); ``duplicate_captions`` says how many
+  held-out captions have such a twin.
+* Pointing game (shapes data): for every named object, the Grad-CAM of its
+  shape word (the token's row of the Grad-CAM layer's cross-attention, weighted
+  by the clamped gradient of the positive pair's ITM match logit, averaged over
+  heads; :func:`softmask.word_gradcam`) on the patch grid without [CLS]; a hit
+  when the peak patch centre lies in the object's box. ``pointing_game`` is the
+  percentage of hits over shape words, ``pointing_game_color`` the same for the
+  colour words, ``pointing_game_chance`` the hit rate of a uniformly random patch.
+* Pictures under ``plots/``: ``loss_curves.png`` (from ``metrics.jsonl``) and
+  ``gradcam_overlays.png`` (held-out images, one panel per caption word).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+import softmask
+from softmask.model import ModelConfig, SoftMaskALBEF
+from softmask.train.checkpoint import latest_checkpoint, load_model_weights
+
+__all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate"]
+
+
+def load_model(checkpoint: str, device="cpu"):
+    """``(model, tokenizer, run_config, ckpt_dir)`` from a run directory or a checkpoint directory."""
+    from softmask.data import get_tokenizer, load_tokenizer
+
+    ckpt = latest_checkpoint(checkpoint)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"checkpoint: no checkpoint in {checkpoint!r} (expected a run directory with checkpoints/latest, "
+            f"or a directory holding model.safetensors and config.json)"
+        )
+    with open(os.path.join(ckpt, "config.json")) as f:
+        run_cfg = json.load(f)
+    mcfg = ModelConfig.from_dict(run_cfg["model"])
+    tok_dir = os.path.normpath(os.path.join(ckpt, run_cfg.get("tokenizer_dir", "../../tokenizer")))
+    tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else get_tokenizer(run_cfg["train"].get("tokenizer"))
+    model = SoftMaskALBEF(mcfg)
+    load_model_weights(model, ckpt)
+    return model.to(device).eval(), tokenizer, run_cfg, ckpt
+
+
+def _trim(ids, mask):
+    L = int(mask.sum(1).max())
+    return ids[:, :L], mask[:, :L]
+
+
+@torch.no_grad()
+def _encode(model, loader, device):
+    img_embeds, img_feats, txt_ids, txt_masks, txt_feats, items = [], [], [], [], [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        ie, ifeat = model.encode_image(batch["image"].to(device))
+        ids, mask = _trim(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        _, tfeat = model.encode_text(ids, mask)
+        img_embeds.append(ie.float().cpu())
+        img_feats.append(ifeat.cpu())
+        txt_feats.append(tfeat.cpu())
+        pad = torch.zeros(ids.shape[0], batch["input_ids"].shape[1], dtype=torch.long)
+        txt_ids.append(pad.index_copy(1, torch.arange(ids.shape[1]), ids.cpu()))
+        txt_masks.append(pad.clone().index_copy(1, torch.arange(ids.shape[1]), mask.cpu()))
+        for j in range(ids.shape[0]):
+            items.append({"caption": batch["captions"][j], "objects": batch["objects"][j],
+                          "image": batch["image"][j]})
+    return (torch.cat(img_embeds), torch.cat(img_feats), torch.cat(txt_ids), torch.cat(txt_masks),
+            torch.cat(txt_feats), items)
+
+
+@torch.no_grad()
+def retrieval_scores(model, img_embeds, img_feats, txt_ids, txt_masks, txt_feats, *, k: int = 16,
+                     batch_size: int = 128, device="cpu"):
+    """ITC similarities ``[Ni, Nt]`` and the ITM-reranked scores (``i2t [Ni, Nt]``, ``t2i [Nt, Ni]``).
+
+    Args: image token embeddings ``[Ni, N, Dv]``, unit features ``[Ni, E]`` / ``[Nt, E]``,
+    token ids / masks ``[Nt, L]``. Only the top ``k`` of every row are rescored (ITM
+    match logit); the rest are -100.
+    """
+    sims = img_feats @ txt_feats.t()  # (Ni, Nt)
+    k = min(k, sims.shape[0], sims.shape[1])
+
+    def itm(img_idx, txt_idx):
+        out = []
+        for s in range(0, len(img_idx), batch_size):
+            ii, tt = img_idx[s : s + batch_size], txt_idx[s : s + batch_size]
+            ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
+            te, _ = model.encode_text(ids, mask)
+            logits, _, _ = model.itm_logits(te, mask, img_embeds[ii].to(device))
+            out.append(logits[:, 1].float().cpu())
+        return torch.cat(out)
+
+    i2t = torch.full_like(sims, -100.0)
+    top = sims.topk(k, dim=1).indices  # (Ni, k)
+    rows = torch.arange(sims.shape[0]).repeat_interleave(k)
+    i2t[rows, top.reshape(-1)] = itm(rows, top.reshape(-1))
+    t2i = torch.full_like(sims.t(), -100.0)
+    top_t = sims.t().topk(k, dim=1).indices  # (Nt, k)
+    rows_t = torch.arange(sims.shape[1]).repeat_interleave(k)
+    t2i[rows_t, top_t.reshape(-1)] = itm(top_t.reshape(-1), rows_t)
+    return sims, i2t, t2i
+
+
+def word_cams(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, pair_word, *, batch_size: int = 128,
+              device="cpu", backend: Optional[str] = None) -> torch.Tensor:
+    """Grad-CAM maps ``[n, g, g]`` of word ``pair_word[i]`` of text ``pair_text[i]`` on image ``pair_image[i]``.
+
+    The gradient is that of the pair's ITM match logit with respect to the Grad-CAM
+    layer's attention output (parameter gradients untouched); the map drops the image
+    [CLS] key and is reshaped to the patch grid.
+    """
+    g = model.cfg.grid
+    backend = backend or model.cfg.op_backend
+    out = []
+    for s in range(0, len(pair_image), batch_size):
+        ii, tt = pair_image[s : s + batch_size], pair_text[s : s + batch_size]
+        w = pair_word[s : s + batch_size].to(device)
+        ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
+        with torch.no_grad():
+            te, _ = model.encode_text(ids, mask)
+        _, _, q, k, v, gc = model.word_gradcam_inputs(te, mask, img_embeds[ii].to(device), retain_graph=False)
+        cam = softmask.word_gradcam(q, k, v, gc, w, backend=backend)  # (n, N)
+        out.append(cam[:, 1:].reshape(-1, g, g).float().cpu())  # (n, g, g)
+    return torch.cat(out) if out else torch.zeros(0, g, g)
+
+
+def _pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device):
+    from softmask.data import word_positions
+    from softmask.eval.metrics import pointing_game
+
+    results = {}
+    S = model.cfg.image_size
+    for key, field in (("pointing_game", "word"), ("pointing_game_color", "color")):
+        pi, pw, boxes = [], [], []
+        for i, it in enumerate(items):
+            words = [o[field] for o in it["objects"]]
+            if not words:
+                continue
+            pos = word_positions(txt_ids[i], tokenizer, words)
+            for o, p in zip(it["objects"], pos):
+                if p >= 0:
+                    pi.append(i)
+                    pw.append(p)
+                    boxes.append(list(o["box"]))
+        if not pi:
+            continue
+        idx = torch.tensor(pi)
+        cams = word_cams(model, img_embeds, txt_ids, txt_masks, idx, idx, torch.tensor(pw), device=device)
+        b = torch.tensor(boxes, dtype=torch.float64)
+        results[key] = pointing_game(cams, b, S)
+        results[key + "_n"] = len(pi)
+        if field == "word":  # chance: a random patch centre inside the box
+            g = model.cfg.grid
+            c = (torch.arange(g, dtype=torch.float64) + 0.5) * S / g
+            inside_x = (c[None, :] >= b[:, 0:1]) & (c[None, :] <= b[:, 2:3])
+            inside_y = (c[None, :] >= b[:, 1:2]) & (c[None, :] <= b[:, 3:4])
+            results["pointing_game_chance"] = 100.0 * float(
+                (inside_x.sum(1) * inside_y.sum(1)).double().mean() / (g * g)
+            )
+    return results
+
+
+def _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, out_png, device, n_images=6):
+    from softmask.data import candidate_word_mask, denormalize, word_positions
+    from softmask.eval.plots import plot_gradcam_overlays
+
+    n = min(n_images, len(items))
+    pi, pw, words, boxes = [], [], [], []
+    for i in range(n):
+        cand = candidate_word_mask(txt_ids[i : i + 1], txt_masks[i : i + 1], tokenizer)[0]
+        pos = cand.nonzero().flatten().tolist()
+        toks = tokenizer.convert_ids_to_tokens(txt_ids[i, pos].tolist())
+        objs = items[i]["objects"]
+        box_at = {}
+        for field in ("word", "color"):
+            for o, p in zip(objs, word_positions(txt_ids[i], tokenizer, [o[field] for o in objs])):
+                if p >= 0:
+                    box_at[p] = list(o["box"])
+        words.append(toks)
+        boxes.append([box_at.get(p) for p in pos])
+        pi += [i] * len(pos)
+        pw += pos
+    idx = torch.tensor(pi, dtype=torch.long)
+    cams = word_cams(model, img_embeds, txt_ids, txt_masks, idx, idx, torch.tensor(pw, dtype=torch.long),
+                     device=device)
+    per_image, s = [], 0
+    for w in words:
+        per_image.append(cams[s : s + len(w)])
+        s += len(w)
+    images = denormalize(torch.stack([items[i]["image"] for i in range(n)]))
+    plot_gradcam_overlays(images, [items[i]["caption"] for i in range(n)], words, per_image, out_png, boxes=boxes)
+
+
+def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="cpu", pointing: bool = True,
+             overlays_png: Optional[str] = None, batch_size: int = 64, max_len: int = 32) -> dict:
+    """Retrieval (and pointing game when the items carry ``objects``) on ``dataset``."""
+    from softmask.data import Collator
+    from softmask.eval.metrics import retrieval_metrics
+
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         collate_fn=Collator(tokenizer, max_len))
+    img_embeds, img_feats, txt_ids, txt_masks, txt_feats, items = _encode(model, loader, device)
+    sims, i2t, t2i = retrieval_scores(model, img_embeds, img_feats, txt_ids, txt_masks, txt_feats, k=k,
+                                      device=device)
+    captions = [it["caption"] for it in items]
+    by_caption = {}
+    for j, c in enumerate(captions):
+        by_caption.setdefault(c, []).append(j)
+    img2txt = [by_caption[c] for c in captions]
+    txt2img = list(range(len(items)))
+    tr = retrieval_metrics(i2t, img2txt, txt2img)
+    ir = retrieval_metrics(t2i.t(), img2txt, txt2img)
+    itc = retrieval_metrics(sims, img2txt, txt2img)
+    res = {key: tr[key] for key in ("tr_r1", "tr_r5", "tr_r10", "tr_mean")}
+    res.update({key: ir[key] for key in ("ir_r1", "ir_r5", "ir_r10", "ir_mean")})
+    res["r_mean"] = (res["tr_mean"] + res["ir_mean"]) / 2
+    res.update({f"itc_{key}": itc[key] for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")})
+    res.update(num_images=len(items), num_texts=len(items), rerank_k=min(k, len(items)),
+               chance_r1=100.0 / max(1, len(items)),
+               duplicate_captions=sum(1 for c in captions if len(by_caption[c]) > 1))
+    has_objects = any(it["objects"] for it in items)
+    if pointing and has_objects:
+        res.update(_pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device))
+    if overlays_png is not None:
+        _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, overlays_png, device)
+    model.train(was_training)
+    return res
+
+
+def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF] = None, tokenizer=None,
+                 k: int = 16, test_size: Optional[int] = None, image_root: Optional[str] = None,
+                 data: Optional[str] = None, plots: bool = True, out_dir: Optional[str] = None) -> dict:
+    """Evaluate a run directory (or checkpoint directory); writes ``eval.json`` and ``plots/`` into
+    ``out_dir`` (default: the run directory). Pass ``model``/``tokenizer`` to skip loading."""
+    from softmask.data import build_dataset
+    from softmask.eval.plots import plot_loss_curves
+
+    device = torch.device(device)
+    ckpt = latest_checkpoint(checkpoint)
+    if model is None:
+        model, tokenizer, run_cfg, ckpt = load_model(checkpoint, device)
+    else:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            run_cfg = json.load(f)
+    tcfg = run_cfg["train"]
+    spec = data or tcfg["data"]
+    if out_dir is None:
+        out_dir = checkpoint if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")) else ckpt
+    ds = build_dataset(spec, "test", model.cfg.image_size, train=False,
+                       image_root=image_root if image_root is not None else tcfg.get("image_root"),
+                       seed=tcfg["seed"], size=test_size if spec == "shapes" else None)
+    plot_dir = os.path.join(out_dir, "plots")
+    res = evaluate(model, tokenizer, ds, k=k, device=device,
+                   overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None)
+    res["checkpoint"] = os.path.abspath(ckpt)
+    res["data"] = spec
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if plots and os.path.exists(metrics):
+        plot_loss_curves(metrics, os.path.join(plot_dir, "loss_curves.png"))
+    tmp = os.path.join(out_dir, f".eval.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "eval.json"))
+    return res
