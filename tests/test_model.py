@@ -1,0 +1,222 @@
+"""The ALBEF-style model: forward/backward, Grad-CAM plumbing, fused vs reference parity,
+configuration checks, momentum/queues and local pretrained weights."""
+
+import os
+
+import pytest
+import torch
+
+from softmask.data import Collator, build_dataset, candidate_word_mask, get_tokenizer, mask_tokens
+from softmask.model import ModelConfig, SoftMaskALBEF, model_preset
+from softmask.model.layers import attention
+from softmask.model.pretrained import load_pretrained
+
+B = 6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    ds = build_dataset("shapes", "train", 64, train=True, size=B, seed=3)
+    b = Collator(tok, 24)([ds[i] for i in range(B)])
+    L = int(b["attention_mask"].sum(1).max())
+    ids, am = b["input_ids"][:, :L], b["attention_mask"][:, :L]
+    mids, labels = mask_tokens(ids, tok, generator=torch.Generator().manual_seed(0))
+    labels[0, 1] = ids[0, 1]  # at least one MLM target
+    cand = candidate_word_mask(mids, am, tok)
+    return dict(image=b["image"], input_ids=ids, attention_mask=am, mlm_input_ids=mids, mlm_labels=labels,
+                word_candidates=cand)
+
+
+def small(tok, **kw):
+    return model_preset("tiny", vocab_size=len(tok), vision_depth=2, queue_size=32, **kw)
+
+
+def run(model, batch, alpha=0.4, seed=0):
+    torch.manual_seed(seed)
+    return model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
+                 mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=alpha)
+
+
+TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
+
+
+@pytest.mark.parametrize("text_aug", [True, False])
+def test_forward_backward_all_losses_and_grads(tok, batch, text_aug):
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, text_aug=text_aug))
+    out = run(model, batch)
+    for k in TERMS + ("loss",):
+        assert out[k].dim() == 0 and torch.isfinite(out[k]), (k, out[k])
+        assert float(out[k].detach()) > 0, k
+    assert float(out["mask_mean"]) < 0.99  # the soft mask dims something
+    out["loss"].backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trained if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing[:10]
+    for name in ("visual_encoder.patch_embed.proj.weight", "text_encoder.embeddings.word_embeddings.weight",
+                 "fusion_encoder.layer.0.crossattention.self.key.weight", "itm_head.weight",
+                 "mlm_head.decoder.weight", "temp"):
+        assert dict(trained)[name].grad.abs().sum() > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in model.momentum_parameters())
+
+
+def test_gradcam_pass_leaves_parameter_grads_alone(tok, batch):
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok))
+    ie, _ = model.encode_image(batch["image"])
+    te, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    logits, _, q, k, v, g = model.word_gradcam_inputs(te, batch["attention_mask"], ie)
+    H, dh = model.cfg.num_heads, model.cfg.hidden_size // model.cfg.num_heads
+    T, N = batch["input_ids"].shape[1], 1 + model.cfg.grid ** 2
+    assert q.shape == (B, H, T, dh) and k.shape == v.shape == (B, H, N, dh) and g.shape == (B, H, T, dh)
+    assert g.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_context_gives_the_materialized_attention_gradient(tok, batch):
+    """dA = grad_context . value equals the gradient of the logits w.r.t. the materialized
+    attention probabilities of the Grad-CAM layer (eager path, retain_grad)."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, attn_impl="eager")).eval()
+    ie, _ = model.encode_image(batch["image"])
+    te, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    _, _, q, k, v, g = model.word_gradcam_inputs(te, batch["attention_mask"], ie, retain_graph=False)
+    dA = torch.einsum("bhtd,bhnd->bhtn", g, v)
+
+    captured = {}
+    layer = model.fusion_encoder.layer[model.cfg.gradcam_layer].crossattention
+    import softmask.model.layers as L
+
+    real = L.attention
+
+    def spy(q_, k_, v_, mask=None, *, dropout_p=0.0, impl="auto"):
+        if q_.shape[-2] == te.shape[1] and k_.shape[-2] == ie.shape[1] and "p" not in captured:
+            probs = torch.softmax(q_ @ k_.transpose(-1, -2) * q_.shape[-1] ** -0.5, -1)
+            probs.retain_grad()
+            captured["p"] = probs
+            return probs @ v_
+        return real(q_, k_, v_, mask, dropout_p=dropout_p, impl=impl)
+
+    L.attention = spy
+    try:
+        logits, _, _ = model.itm_logits(te, batch["attention_mask"], ie)
+    finally:
+        L.attention = real
+    logits[:, 1].sum().backward()
+    assert layer is model.fusion_encoder.layer[0].crossattention  # the spy caught layer 0's cross-attention
+    torch.testing.assert_close(dA, captured["p"].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_and_reference_agree(tok, batch):
+    torch.manual_seed(0)
+    fused = SoftMaskALBEF(small(tok))
+    ref = SoftMaskALBEF(small(tok, attn_impl="eager", op_backend="reference"))
+    ref.load_state_dict(fused.state_dict())
+    of, orf = run(fused, batch), run(ref, batch)
+    for k in TERMS:
+        torch.testing.assert_close(of[k], orf[k], rtol=1e-4, atol=1e-6, msg=k)
+    of["loss"].backward()
+    orf["loss"].backward()
+    pr = dict(ref.named_parameters())
+    grads = [(n, p.grad, pr[n].grad) for n, p in fused.named_parameters() if p.grad is not None]
+    assert len(grads) == sum(p.requires_grad for p in fused.parameters())
+    # key biases get a mathematically zero gradient (softmax is shift invariant): judge every
+    # tensor relative to its own scale, floored at 1e-4 of the largest gradient entry
+    floor = 1e-4 * max(float(r.abs().max()) for _, _, r in grads)
+    errs = {n: float((g - r).abs().max()) / max(float(r.abs().max()), floor) for n, g, r in grads}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 1e-3, (worst, errs[worst])
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attention_matches_softmax_formula(impl):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g),
+               torch.randn(2, 3, 7, 8, generator=g))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    s = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = torch.softmax(s, -1) @ v
+    torch.testing.assert_close(attention(q, k, v, mask, impl=impl), want, rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="last fusion layer"):
+        model_preset("tiny", gradcam_layer=1)
+    with pytest.raises(ValueError, match="gradcam_layer"):
+        model_preset("tiny", gradcam_layer=5)
+    with pytest.raises(ValueError, match="preset"):
+        model_preset("huge")
+    with pytest.raises(ValueError, match="attn_impl"):
+        ModelConfig(attn_impl="flash")
+    model_preset("tiny", gradcam_layer=1, softmask=False)  # no Grad-CAM, no constraint
+    base = model_preset("base")
+    assert (base.image_size, base.patch_size, base.vision_width, base.text_layers, base.fusion_layers,
+            base.embed_dim, base.queue_size, base.gradcam_layer) == (256, 16, 768, 6, 6, 256, 65536, 2)
+
+
+def test_softmask_off_and_gamma_zero(tok, batch):
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, softmask=False, gamma=0.0))
+    out = run(model, batch)
+    assert float(out["loss_softmask"]) == 0.0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+
+
+def test_momentum_and_queue(tok, batch):
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok))
+    Q = model.cfg.queue_size
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.add_(1.0)
+    before = next(model.visual_encoder_m.parameters()).clone()
+    online = next(model.visual_encoder.parameters())
+    model.momentum_update()
+    after = next(model.visual_encoder_m.parameters())
+    torch.testing.assert_close(after, 0.995 * before + 0.005 * online.detach())
+    feats = torch.nn.functional.normalize(torch.randn(20, model.cfg.embed_dim), dim=1)
+    model.queue_ptr.fill_(Q - 5)
+    model.enqueue(feats, feats)
+    assert int(model.queue_ptr) == 15
+    torch.testing.assert_close(model.image_queue[Q - 5 :], feats[:5])
+    torch.testing.assert_close(model.text_queue[:15], feats[5:])
+
+
+def test_load_local_pretrained(tok, tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertConfig, BertForMaskedLM
+    from safetensors.torch import save_file
+
+    cfg = small(tok)
+    bcfg = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=4,
+                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                      max_position_embeddings=cfg.max_position_embeddings)
+    torch.manual_seed(5)
+    bert = BertForMaskedLM(bcfg)
+    bert.save_pretrained(tmp_path / "bert")
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=cfg.vision_width, depth=cfg.vision_depth,
+                            num_heads=cfg.vision_heads, num_classes=10)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    model = SoftMaskALBEF(cfg)
+    rep = load_pretrained(model, vit_checkpoint=str(tmp_path / "vit.safetensors"), bert_dir=str(tmp_path / "bert"))
+    assert rep["bert_loaded"] > 0 and rep["vit_loaded"] > 0
+    sd = bert.state_dict()
+    torch.testing.assert_close(model.fusion_encoder.layer[0].attention.self.query.weight,
+                               sd["bert.encoder.layer.2.attention.self.query.weight"])
+    torch.testing.assert_close(model.text_encoder.layer[1].output.dense.weight,
+                               sd["bert.encoder.layer.1.output.dense.weight"])
+    torch.testing.assert_close(model.visual_encoder.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(model.visual_encoder_m.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert model.visual_encoder.pos_embed.shape[1] == 1 + cfg.grid ** 2  # resampled from a 4x4 grid
+    with pytest.raises(FileNotFoundError, match="local"):
+        load_pretrained(model, vit_checkpoint=str(tmp_path / "missing.pth"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_pretrained(model, bert_dir=str(tmp_path / "empty"))
