@@ -61,12 +61,14 @@ __all__ = [
     "scale_rows_forward",
 ]
 
-# Largest [rows, dh] tile that one program of the head kernel holds in registers
-# (elements). 8192 = 128 keys x 64 dims: 32 fp32 values per thread for the key tile
-# at 4 warps, the same budget as the value tile. Not swept (no GPU in the session
-# that wrote it); key/value are streamed once whatever the block, so the block only
+# Largest [keys, dh] tile that one program of the head kernel holds (elements):
+# 4096 = 64 keys x 64 dims at 8 warps. ptxas -v for sm_90a (Triton 3.8): 107-113
+# registers for bf16/fp32 and 242 for fp64, no spills, in both branches; 8192 (128
+# keys) needs 167-255 registers and spills in fp64. Not timed (no GPU in the session
+# that wrote it): key/value are streamed once whatever the block, the block only
 # trades loop overhead against register pressure.
-_HEAD_TILE = 8192
+_HEAD_TILE = 4096
+_HEAD_WARPS = 8
 # Keys per block of the head-sum / min-max kernel (one fp32 vector per head loaded
 # per step; 1024 keys = 4 KiB per load). Rows up to 1024 keys (ViT-B/16 at 384 px
 # has 577) take the single-sweep branch.
@@ -144,7 +146,7 @@ def _head_cam_kernel(
         m = tl.where(m == float("-inf"), 0.0, m)
         e = tl.exp(s - m)  # 0 at padded keys
         l_sum = tl.sum(e, axis=0)
-        inv_l = tl.where(l_sum > 0, 1.0 / l_sum, 0.0)  # a fully padded row attends to nothing
+        inv_l = tl.where(l_sum > 0, 1.0 / tl.where(l_sum > 0, l_sum, 1.0), 0.0)  # a fully padded row attends to nothing
         v = tl.load(v_base + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=ld, other=0.0).to(acc_ty)
         da = tl.sum(v * g[None, :], axis=1)
@@ -172,7 +174,7 @@ def _head_cam_kernel(
         m = tl.max(m_i, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
         l_sum = tl.sum(l_i * tl.exp(m_i - m), axis=0)
-        inv_l = tl.where(l_sum > 0, 1.0 / l_sum, 0.0)
+        inv_l = tl.where(l_sum > 0, 1.0 / tl.where(l_sum > 0, l_sum, 1.0), 0.0)
         tl.debug_barrier()  # the parked scores are read back by other threads of this program
         # sweep 2: probabilities from the parked scores, value rows, contributions
         for start in range(0, N, BLOCK_N):
@@ -211,15 +213,18 @@ def _cam_mask_kernel(
         valid = n_ok & (offs_n0 >= 1)
         if HAS_KPM:
             valid = valid & (tl.load(kpm_ptr + b * stride_mb + offs_n0 * stride_mn, mask=n_ok, other=0) != 0)
+        # NaN (a poisoned sample) is carried into the mask explicitly: GPU min/max drop it
+        nan = tl.where(tl.max(tl.where(cam != cam, 1.0, 0.0), axis=0) > 0, float("nan"), 0.0)
         lo = tl.min(tl.where(valid, cam, float("inf")), axis=0)
         hi = tl.max(tl.where(valid, cam, float("-inf")), axis=0)
         span = hi - lo
         spread = span > 0  # False for a flat map and a row without valid patch keys (inf - inf is NaN)
         cn = tl.where(valid, tl.where(spread, (cam - lo) / tl.where(spread, span, 1.0), 0.0), 0.0)
         tl.store(cam_ptr + b * N + offs_n0, cam, mask=n_ok)
-        tl.store(mask_ptr + b * N + offs_n0, (1.0 - (omf_hi * cn + omf_lo * cn)).to(acc_ty), mask=n_ok)
+        tl.store(mask_ptr + b * N + offs_n0, (1.0 - (omf_hi * cn + omf_lo * cn) + nan).to(acc_ty), mask=n_ok)
     else:
         lo_i = tl.full([BLOCK_N], float("inf"), acc_ty)
+        nan_i = tl.zeros([BLOCK_N], acc_ty)
         hi_i = tl.full([BLOCK_N], float("-inf"), acc_ty)
         for start in range(0, N, BLOCK_N):
             offs_n = start + offs_n0
@@ -232,8 +237,10 @@ def _cam_mask_kernel(
             valid = n_ok & (offs_n >= 1)
             if HAS_KPM:
                 valid = valid & (tl.load(kpm_ptr + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+            nan_i = tl.maximum(nan_i, tl.where(cam != cam, 1.0, 0.0))
             lo_i = tl.minimum(lo_i, tl.where(valid, cam, float("inf")))
             hi_i = tl.maximum(hi_i, tl.where(valid, cam, float("-inf")))
+        nan = tl.where(tl.max(nan_i, axis=0) > 0, float("nan"), 0.0)
         lo = tl.min(lo_i, axis=0)
         hi = tl.max(hi_i, axis=0)
         span = hi - lo
@@ -247,7 +254,7 @@ def _cam_mask_kernel(
             if HAS_KPM:
                 valid = valid & (tl.load(kpm_ptr + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
             cn = tl.where(valid, tl.where(spread, (cam - lo) / tl.where(spread, span, 1.0), 0.0), 0.0)
-            tl.store(mask_ptr + b * N + offs_n, (1.0 - (omf_hi * cn + omf_lo * cn)).to(acc_ty), mask=n_ok)
+            tl.store(mask_ptr + b * N + offs_n, (1.0 - (omf_hi * cn + omf_lo * cn) + nan).to(acc_ty), mask=n_ok)
 
 
 # --------------------------------------------------------------------------- kernel 3
@@ -340,7 +347,7 @@ def word_gradcam_forward(
         return cam, mask
     w = word_index.to(torch.int64)
     has_kpm = key_padding_mask is not None
-    kpm = key_padding_mask.view(torch.uint8) if has_kpm else w  # dummy pointer when absent
+    kpm = key_padding_mask.view(torch.int8) if has_kpm else w  # dummy pointer when absent
     s_kpm = (kpm.stride(0), kpm.stride(1)) if has_kpm else (0, 0)
 
     block_d = triton.next_power_of_2(dh)
@@ -351,7 +358,7 @@ def word_gradcam_forward(
         H, T, N, dh, scale_hi, scale_lo,
         *query.stride(), *grad_context.stride(), *key.stride(), *value.stride(), *s_kpm,
         HAS_KPM=has_kpm, SINGLE=N <= block_n, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=_HEAD_WARPS,
     )
     cam_block = min(triton.next_power_of_2(N), _CAM_BLOCK)
     omf_hi, omf_lo = _split(1.0 - floor)
