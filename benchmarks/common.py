@@ -84,13 +84,24 @@ def record(
     bytes_moved: Optional[float] = None,
     rounds: int = 5,
     warmup_rounds: int = 1,
+    setup: Optional[Callable[[], tuple]] = None,
 ):
     """Time ``fn`` with pytest-benchmark and store the common schema in ``extra_info``.
 
-    ``fn`` must synchronize on CUDA (use :func:`synced`) so the timings are real.
+    ``fn`` must synchronize on CUDA (use :func:`synced`) so the timings are real. With
+    ``setup`` (returning ``(args, kwargs)`` for ``fn``, untimed; e.g. the forward pass
+    before a timed backward), ``peak_mem_bytes`` covers setup and ``fn`` together.
     """
-    peak = peak_extra_memory(fn, device)
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    if setup is None:
+        peak = peak_extra_memory(fn, device)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    else:
+        def both():
+            args, kwargs = setup()
+            return fn(*args, **kwargs)
+
+        peak = peak_extra_memory(both, device)
+        benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     median = benchmark.stats.stats.median
     info = dict(
         op=op,

@@ -141,6 +141,11 @@ def _focal_itc_fwd_kernel(
     lse = m_i + tl.log(s_i)
     acc_pk = acc_pk / s_i[:, None]  # sum_j p_j K_j
     pz_i = pz_i / s_i  # sum_j p_j z_j
+    dq_ptrs = DQ + rows[:, None] * stride_dqb + offs_d[None, :]
+    if HAS_TARGETS:
+        # Park sum_j p_j K_j in the output while sweep 2 needs its registers for
+        # sum_j q_j g_j K_j (two live [BLOCK_M, BLOCK_D] accumulators spilled at D = 256).
+        tl.store(dq_ptrs, acc_pk, mask=qd_mask)
 
     # ---- diagonal (positive) term
     l_ii = z_ii - lse
@@ -180,11 +185,13 @@ def _focal_itc_fwd_kernel(
         k_diag = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=qd_mask, other=0.0)
         acc_qgk = g_ii[:, None] * k_diag.to(ACC)
 
+    if HAS_TARGETS:
+        acc_pk = tl.load(dq_ptrs, mask=qd_mask, other=0.0)
     dq = (s_row[:, None] * acc_pk - acc_qgk) * inv_tau
     dtau = -inv_tau * (s_row * pz_i - qgz)
     tl.store(LOSS + rows, loss, mask=rmask)
     tl.store(DTAU + rows, dtau, mask=rmask)
-    tl.store(DQ + rows[:, None] * stride_dqb + offs_d[None, :], dq, mask=qd_mask)
+    tl.store(dq_ptrs, dq, mask=qd_mask)
     tl.store(STATS + rows, lse, mask=rmask)
     tl.store(STATS + stride_sb + rows, s_row, mask=rmask)
     tl.store(STATS + 2 * stride_sb + rows, g_ii, mask=rmask)
@@ -240,15 +247,18 @@ def _tl_acc(dtype: torch.dtype):
 
 def _config(D: int, dtype: torch.dtype):
     """Block sizes and warps. BLOCK_D covers D in one tile (the [BLOCK_M, BLOCK_D]
-    fp32 accumulator lives in registers, so wide D takes fewer rows per program)."""
+    accumulator lives in registers), so wide D and 4-byte/8-byte inputs take smaller tiles.
+    Chosen from ptxas's register/spill report for sm_90 (``python -m tests.compile_kernels``,
+    benchmarks/NOTES.md); not yet timed on a GPU."""
     block_d = max(16, triton.next_power_of_2(D))
     if interpreting():
         # Each interpreted program costs ~2.5 ms: few, large programs.
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), {}
-    wide = block_d > 256 or dtype == torch.float64
-    block_m = 32 if wide else 64
-    block_n = 32 if block_d > 256 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d), dict(num_warps=4 if wide else 8, num_stages=2)
+    if dtype in (torch.float16, torch.bfloat16) and block_d <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)
+    if dtype in (torch.float16, torch.bfloat16) or block_d <= 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=2)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=1)
 
 
 def _flags(dtype: torch.dtype):

@@ -1,0 +1,97 @@
+"""Compile every Triton kernel configuration the launchers can pick for a Hopper GPU
+(sm_90) without a GPU, with Triton's own ptxas, and report shared memory, registers
+and spills per configuration as JSON lines.
+
+Run without TRITON_INTERPRET (the interpreter replaces ``@triton.jit`` functions):
+``python -m tests.compile_kernels [--arch 90]``. ``tests/test_gpu_compile.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _ptxas_stats(ptx: str, arch: int) -> dict:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch_s = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch_s}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    # ptxas reports one block per function; the kernel is the largest user of registers.
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", out)]
+    spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)]
+    return dict(regs=max(regs) if regs else None,
+                spill_stores=max(s for s, _ in spills) if spills else None,
+                spill_loads=max(l for _, l in spills) if spills else None)
+
+
+def focal_itc_specs():
+    from softmask.kernels import focal_itc as fk
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for D in (256, 512):
+            blocks, launch = fk._config(D, dtype)
+            flags = fk._flags(dtype)
+            ptr = "*" + TL_TYPES[dtype]
+            acc = "*fp64" if dtype == torch.float64 else "*fp32"
+            for has_targets in (True, False):
+                types = dict(Q=ptr, QM=ptr, K=ptr, TAU="*fp32", LOSS=acc, DQ=acc, DTAU=acc, STATS=acc)
+                types.update({n: "i32" for n in ("B", "N", "D", "stride_qb", "stride_qd", "stride_qmb",
+                                                 "stride_qmd", "stride_kn", "stride_kd", "stride_dqb", "stride_sb")})
+                types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo", "alpha_hi", "alpha_lo")})
+                yield (f"focal_itc_fwd {TL_TYPES[dtype]} D={D} targets={has_targets}", fk._focal_itc_fwd_kernel,
+                       types, dict(HAS_TARGETS=has_targets, **flags, **blocks), launch)
+            types = dict(Q=ptr, K=ptr, TAU="*fp32", STATS=acc, W=acc, W_SCALE=acc, DK=acc)
+            types.update({n: "i32" for n in ("B", "N", "D", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
+                                             "stride_dkn", "stride_sb")})
+            yield (f"focal_itc_key_grad {TL_TYPES[dtype]} D={D}", fk._focal_itc_key_grad_kernel, types,
+                   dict(**flags, **blocks), launch)
+
+
+SPECS = [focal_itc_specs]
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET to compile kernels", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--only", action="append", default=[],
+                        help="compile only configurations whose name contains this text (repeatable)")
+    args = parser.parse_args(argv)
+    from tests.helpers import compile_for_gpu
+
+    failures = 0
+    for spec in SPECS:
+        for name, fn, types, constexprs, launch in spec():
+            if args.only and not any(o in name for o in args.only):
+                continue
+            try:
+                k = compile_for_gpu(fn, types, constexprs, arch=args.arch, **launch)
+                row = dict(kernel=name, ok=True, shared=k.metadata.shared, **launch,
+                           **_ptxas_stats(k.asm["ptx"], args.arch))
+            except Exception as e:  # report every configuration, then fail
+                failures += 1
+                row = dict(kernel=name, ok=False, error=f"{type(e).__name__}: {str(e)[-800:]}")
+            print(json.dumps(row), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
