@@ -269,7 +269,8 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
                    overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None)
     res["checkpoint"] = os.path.abspath(ckpt)
     res["data"] = spec
-    metrics = os.path.join(out_dir, "metrics.jsonl")
+    run_dir = checkpoint if latest_checkpoint(checkpoint) != checkpoint else os.path.dirname(os.path.dirname(ckpt))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
     if plots and os.path.exists(metrics):
         plot_loss_curves(metrics, os.path.join(plot_dir, "loss_curves.png"))
     tmp = os.path.join(out_dir, f".eval.json.tmp-{os.getpid()}")
