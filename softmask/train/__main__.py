@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=d.train_size, help="shapes training items")
     p.add_argument("--test-size", type=int, default=None, help="shapes held-out items (default: 256)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: one per core; on a CPU shared with other jobs, 1 avoids "
+                   "OpenMP stalls)")
     p.add_argument("--vit-checkpoint", default=None, help="local timm ViT weights file")
     p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -70,7 +73,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         mask_floor=a.mask_floor, gradcam_layer=a.gradcam_layer, weight_itc=a.weight_itc, weight_itm=a.weight_itm,
         weight_softmask=a.weight_softmask, weight_mlm=a.weight_mlm, queue_size=a.queue_size,
         text_aug=False if a.no_text_aug else None, train_size=a.train_size, test_size=a.test_size,
-        num_workers=a.num_workers, vit_checkpoint=a.vit_checkpoint, bert_dir=a.bert_dir, log_every=a.log_every,
+        num_workers=a.num_workers, threads=a.threads, vit_checkpoint=a.vit_checkpoint, bert_dir=a.bert_dir, log_every=a.log_every,
         save_every=a.save_every, resume=a.resume, run_eval=not a.no_eval, progress=not a.no_progress,
     )
 

@@ -77,6 +77,7 @@ class TrainConfig:
     vit_checkpoint: Optional[str] = None
     bert_dir: Optional[str] = None
     progress: bool = True
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default, one per core)
     # model overrides (None keeps the preset's value)
     gamma: Optional[float] = None
     alpha: Optional[float] = None
@@ -202,6 +203,8 @@ def train(cfg: TrainConfig) -> dict:
     from softmask.data import build_dataset, candidate_word_mask, Collator, get_tokenizer, mask_tokens
 
     t_start = time.time()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = _setup_distributed(cfg.device)
     rank, world = _dist_info()
     is_main = rank == 0
