@@ -13,7 +13,7 @@ The op (one image-caption pair ``b``, heads ``h``, chosen word ``w = word_index[
     mask[n]  = 1 - (1 - floor) * c[n],  mask[0] = 1,  padded keys 1
     out[b, n, :] = image_embeds[b, n, :] * mask[n]
 
-Three launches, each a single sweep over its inputs:
+Three launches, each reading its inputs once:
 
 1. :func:`_head_cam_kernel`, grid ``B * H``: one program per (sample, head) reads
    the chosen word's query and grad_context rows (``dh`` each) and streams that
@@ -31,8 +31,11 @@ Bytes (es = element size of the attention tensors, ex of image_embeds, ea of the
 accumulation dtype): the minimum is ``B*H*dh*es*2`` (the two chosen rows)
 ``+ 2*B*H*N*dh*es`` (key, value) ``+ 2*B*N*D*ex`` (image_embeds in, out) ``+ 2*B*N*ea``
 (cam, mask out). The split adds ``2*B*H*N*ea`` (the head contributions written
-and read back, 1.5 % of the minimum at the ALBEF shape in bf16) and ``2*B*N*ea``
-(cam read back by launch 3). FLOPs: ``4*B*H*N*dh`` (two dot products per key)
+and read back, 1.5 % of the minimum at the ALBEF shape in bf16) and ``B*N*ea`` (the
+mask read by launch 3); where a key row spans several blocks (N > 64 at dh = 64)
+launch 1 also parks its scores in its own output row and reads them back
+(``2*B*H*N*ea``, cache-resident: written and re-read by the same program).
+FLOPs: ``4*B*H*N*dh`` (two dot products per key)
 ``+ B*N*D`` (the multiply) plus ``O(B*H*N)`` softmax work: about 0.25 FLOP per
 byte, far below any GPU's ridge point, so every launch is memory bound.
 
