@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from softmask.kernels._util import split_f32
 from softmask.ops._common import interpreting
 
 
@@ -78,6 +79,17 @@ def _focal_terms(l, p, gamma, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(PTR, idx, offs_d, stride_r, stride_d, n_rows, D, DOT_FP32: tl.constexpr):
+    """Rows ``idx`` of a [n_rows, D] matrix as a (len(idx), BLOCK_D) tile, zero outside.
+    With DOT_FP32 the tile is upcast (the interpreter's bf16 ``tl.dot`` is wrong)."""
+    mask = (idx < n_rows)[:, None] & (offs_d < D)[None, :]
+    tile = tl.load(PTR + idx[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    if DOT_FP32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _focal_itc_fwd_kernel(
     Q, QM, K, TAU,
     LOSS, DQ, DTAU, STATS,
@@ -93,17 +105,13 @@ def _focal_itc_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qd_mask = rmask[:, None] & dmask[None, :]
-    q = tl.load(Q + rows[:, None] * stride_qb + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong: upcast there
-        q = q.to(tl.float32)
+    q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, B, D, DOT_FP32)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     # Float scalars reach kernels as fp32; hi + lo halves keep float64 inputs exact.
     gamma = tl.cast(gamma_hi, ACC) + tl.cast(gamma_lo, ACC)
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_lo, ACC)
     if HAS_TARGETS:
-        qm = tl.load(QM + rows[:, None] * stride_qmb + offs_d[None, :] * stride_qmd, mask=qd_mask, other=0.0)
-        if DOT_FP32:
-            qm = qm.to(tl.float32)
+        qm = _load_tile(QM, rows, offs_d, stride_qmb, stride_qmd, B, D, DOT_FP32)
         m_m = tl.full([BLOCK_M], float("-inf"), ACC)
         s_m = tl.zeros([BLOCK_M], ACC)
 
@@ -116,10 +124,7 @@ def _focal_itc_fwd_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
+        k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
         z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
         z = tl.where(cmask[None, :], z, 0.0)  # padded columns of K are zero rows
         m_new = tl.maximum(m_i, tl.max(tl.where(cmask[None, :], z, float("-inf")), 1))
@@ -161,10 +166,7 @@ def _focal_itc_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cmask = cols < N
-            k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
+            k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
             z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
             zm = tl.dot(qm, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
             l = tl.where(cmask[None, :], z - lse[:, None], 0.0)  # padded columns: harmless l = 0
@@ -212,19 +214,13 @@ def _focal_itc_key_grad_kernel(
     cmask = cols < N
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=cmask[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        k = k.to(tl.float32)
+    k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start in range(0, B, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < B
-        q = tl.load(Q + rows[:, None] * stride_qb + offs_d[None, :] * stride_qd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, B, D, DOT_FP32)
         lse = tl.load(STATS + rows, mask=rmask, other=0.0)
         s_row = tl.load(STATS + stride_sb + rows, mask=rmask, other=0.0)
         g_ii = tl.load(STATS + 2 * stride_sb + rows, mask=rmask, other=0.0)
@@ -270,10 +266,6 @@ def _flags(dtype: torch.dtype):
 MAX_D = 1024
 
 
-def _split(x: float):
-    """``x`` as two float32 values whose sum is ``x`` to ~48 bits."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
 def focal_itc_direction_triton(q, k, qm, tau, gamma: float, alpha: float):
@@ -300,7 +292,7 @@ def focal_itc_direction_triton(q, k, qm, tau, gamma: float, alpha: float):
         B, N, D,
         q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), k.stride(0), k.stride(1), dq.stride(0),
         stats.stride(0),
-        *_split(gamma), *_split(alpha),
+        *split_f32(gamma), *split_f32(alpha),
         HAS_TARGETS=has_targets, **_flags(q.dtype), **blocks, **launch,
     )
     return loss, dq, dtau, stats

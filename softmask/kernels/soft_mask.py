@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from softmask.kernels._util import split_f32
+
 
 __all__ = [
     "word_gradcam_forward",
@@ -89,13 +91,6 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _split(x: float):
-    """``x`` as two fp32 numbers whose sum is ``x`` to about 48 bits."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    lo = float(torch.tensor(x - hi, dtype=torch.float32))
-    return hi, lo
 
 
 # --------------------------------------------------------------------------- kernel 1
@@ -355,7 +350,7 @@ def word_gradcam_forward(
 
     block_d = triton.next_power_of_2(dh)
     block_n = min(triton.next_power_of_2(N), max(16, _HEAD_TILE // block_d))
-    scale_hi, scale_lo = _split(scale)
+    scale_hi, scale_lo = split_f32(scale)
     _head_cam_kernel[(B * H,)](
         query, key, value, grad_context, w, kpm, contrib,
         H, T, N, dh, scale_hi, scale_lo,
@@ -364,7 +359,7 @@ def word_gradcam_forward(
         num_warps=_HEAD_WARPS,
     )
     cam_block = min(triton.next_power_of_2(N), _CAM_BLOCK)
-    omf_hi, omf_lo = _split(1.0 - floor)
+    omf_hi, omf_lo = split_f32(1.0 - floor)
     _cam_mask_kernel[(B,)](
         contrib, kpm, cam, mask, H, N, omf_hi, omf_lo, *s_kpm,
         HAS_KPM=has_kpm, SINGLE=N <= cam_block, BLOCK_N=cam_block,
