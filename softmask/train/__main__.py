@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, cosine with warm-up)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
+                   help="learning rate of the ITC temperature relative to --lr")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--impl", choices=("fused", "reference"), default=d.impl,
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         preset=a.preset, data=a.data, image_root=a.image_root, tokenizer=a.tokenizer, steps=a.steps,
-        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed, out=a.out, impl=a.impl,
+        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, temp_lr_scale=a.temp_lr_scale, seed=a.seed, out=a.out, impl=a.impl,
         device=a.device, gamma=a.gamma, alpha=a.alpha, softmask=False if a.no_softmask else None,
         mask_floor=a.mask_floor, gradcam_layer=a.gradcam_layer, weight_itc=a.weight_itc, weight_itm=a.weight_itm,
         weight_softmask=a.weight_softmask, weight_mlm=a.weight_mlm, queue_size=a.queue_size,
