@@ -3,6 +3,7 @@ non-finite-loss stop, a 2-process gloo run, and evaluation of a tiny run."""
 
 import json
 import os
+import socket
 import shutil
 import subprocess
 import sys
@@ -155,7 +156,10 @@ def test_cli_help():
 def test_two_process_gloo(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    with socket.socket() as sock:  # a free port: a fixed one collides with any other run on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "softmask.train", "--steps", "3", "--batch-size", "3", "--train-size", "24", "--queue-size", "64",
            "--out", out, "--no-eval", "--no-progress", "--log-every", "1", "--save-every", "3"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -167,3 +171,23 @@ def test_two_process_gloo(tmp_path):
     assert cfg["world_size"] == 2
     w = load_file(os.path.join(latest_checkpoint(out), "model.safetensors"))
     assert int(w["queue_ptr"]) == 3 * 3 * 2  # the queue took the features of both ranks
+
+
+def test_thread_guard_switches_to_the_faster_count():
+    from softmask.train.loop import _ThreadGuard
+
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = _ThreadGuard(True, period=100)
+        seq = []
+        for i in range(50):
+            n = torch.get_num_threads()
+            seq.append(n)
+            busy = 20 <= i < 50  # another job takes a core from step 20 on
+            g.observe((11.0 if n == 2 else 0.9) if busy else (0.5 if n == 2 else 0.7))
+        assert seq[:4] == [2, 2, 2, 2] and seq[4:7] == [1, 1, 1]  # first probe: 1 thread is slower, back to 2
+        assert seq[7:20] == [2] * 13
+        assert seq[-10:] == [1] * 10  # the slowdown was noticed and 1 thread kept
+    finally:
+        torch.set_num_threads(n0)
