@@ -208,50 +208,68 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 
 def _set_threads(threads: Optional[int], device: torch.device) -> None:
-    """``threads``: a count, or None for automatic: torch's default (one per core) unless the CPU is
-    already busy (1-minute load average >= cores), where one thread is used. Measured on the 2-core
-    development machine under a load of ~4: a tiny step took 8.0 s with 2 OpenMP threads (threads
-    stalling on each other's barriers) and 0.9 s with 1; on the idle machine 2 threads take 0.43 s."""
+    """``threads``: a fixed intra-op thread count, or None: torch's default to start with, then
+    :class:`_ThreadGuard` picks between all cores and 1 while training."""
     if threads is not None:
         torch.set_num_threads(threads)
-        return
-    if device.type != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:
-        busy = False
-    if busy and torch.get_num_threads() > 1:
-        print(f"softmask-pretrain: CPU busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
-              f"using 1 intra-op thread (--threads N overrides)", file=sys.stderr)
-        torch.set_num_threads(1)
 
 
 class _ThreadGuard:
-    """Drop to one intra-op thread when steps suddenly slow down (another job took a core).
+    """Pick the faster intra-op thread count while training (automatic mode only: no ``threads``
+    given, CPU, single process).
 
-    Measured on the 2-core machine: with 2 OpenMP threads a tiny step went from 0.5 s to 11 s
-    when a test suite started next to it (threads spinning on barriers while one of them is
-    descheduled); with 1 thread a step takes about 0.9 s under the same load. Only in automatic
-    mode (no ``threads`` given), on CPU, single process.
+    Every ``period`` steps it times ``probe`` steps with the other count (all cores, or 1) and
+    keeps whichever gave the shorter median step. Measured on the 2-core machine: idle, a tiny
+    step takes 0.5 s with 2 threads and 0.7 s with 1; with another job running, 11 s with 2
+    OpenMP threads (threads spinning on barriers while one of them is descheduled) and 0.9 s
+    with 1. Thread counts change the floating-point reduction order, not the math.
     """
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and torch.get_num_threads() > 1
-        self.times: list[float] = []
+    def __init__(self, enabled: bool, period: int = 100, probe: int = 3, skip: int = 2):
+        self.full = torch.get_num_threads()
+        self.enabled = enabled and self.full > 1
+        self.period, self.probe, self.skip = period, probe, skip
+        self.current = self.full
+        self.n = 0
+        self.recent: list[float] = []
+        self.trial: list[float] = []
+        self.trying, self.first, self.since = False, True, 0
+
+    def _other(self) -> int:
+        return 1 if self.current == self.full else self.full
 
     def observe(self, dt: float) -> None:
         if not self.enabled:
             return
-        self.times = (self.times + [dt])[-20:]
-        if len(self.times) < 10:
+        self.n += 1
+        if self.n <= self.skip:  # first steps: allocator and caches warming up
             return
-        med = sorted(self.times)[len(self.times) // 2]
-        if sum(t > 3 * med for t in self.times[-3:]) == 3:
-            print(f"softmask-pretrain: steps slowed from {med:.2f} s to {dt:.2f} s (CPU shared with another job): "
-                  f"switching to 1 intra-op thread (--threads N overrides)", file=sys.stderr)
-            torch.set_num_threads(1)
-            self.enabled = False
+        if self.trying:  # this step ran with the other count
+            self.trial.append(dt)
+            if len(self.trial) == self.probe:
+                self._decide()
+                self.trying, self.since = False, 0
+            return
+        self.recent = (self.recent + [dt])[-10:]
+        self.since += 1
+        base = sorted(self.recent[:-2])[len(self.recent[:-2]) // 2] if len(self.recent) >= 5 else None
+        sudden = base is not None and min(self.recent[-2:]) > 3 * base  # another job just took a core
+        if sudden:
+            self.recent = self.recent[-2:]
+        if len(self.recent) >= min(self.probe, 2) and (self.first or sudden or self.since >= self.period):
+            self.first, self.trying = False, True
+            torch.set_num_threads(self._other())
+
+    def _decide(self) -> None:
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        other = self._other()
+        if med(self.trial) < 0.9 * med(self.recent[-self.probe:]):
+            print(f"softmask-pretrain: {other} intra-op thread(s) are faster here ({med(self.trial):.2f} s against "
+                  f"{med(self.recent[-self.probe:]):.2f} s per step): switching (--threads N fixes the count)", file=sys.stderr)
+            self.current = other
+            self.recent = list(self.trial)
+        torch.set_num_threads(self.current)
+        self.trial = []
 
 
 def _trim_padding(batch: dict) -> dict:
