@@ -31,7 +31,8 @@ import softmask
 from softmask.model import ModelConfig, SoftMaskALBEF
 from softmask.train.checkpoint import latest_checkpoint, load_model_weights
 
-__all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate"]
+__all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate", "itm_probe",
+           "pointing_subset", "soft_masked_embeds"]
 
 
 def load_model(checkpoint: str, device="cpu"):
@@ -204,9 +205,117 @@ def _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, out_png, 
     plot_gradcam_overlays(images, [items[i]["caption"] for i in range(n)], words, per_image, out_png, boxes=boxes)
 
 
+@torch.no_grad()
+def _itm_match_prob(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
+                    device="cpu") -> torch.Tensor:
+    """ITM match probability ``softmax(logits)[:, 1]`` of the pairs ``(text pair_text[i], image pair_image[i])``;
+    ``img_embeds`` may already be soft-masked."""
+    out = []
+    for s in range(0, len(pair_image), batch_size):
+        ii, tt = pair_image[s : s + batch_size], pair_text[s : s + batch_size]
+        ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
+        te, _ = model.encode_text(ids, mask)
+        logits, _, _ = model.itm_logits(te, mask, img_embeds[ii].to(device))
+        out.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, *, seed: int = 0, batch_size: int = 128,
+                       device="cpu"):
+    """Every image soft-masked as in training: one random caption word of its own caption (drawn with a
+    generator seeded by ``seed``), the Grad-CAM of that word for the positive pair's ITM match logit,
+    :func:`softmask.text_driven_soft_mask` with the model's floor. Returns ``(masked [n, N, Dv],
+    masks [n, N], word_index [n])``."""
+    from softmask.data import candidate_word_mask
+
+    cand = candidate_word_mask(txt_ids, txt_masks, tokenizer) & txt_masks.bool()
+    cand[:, 1] |= ~cand.any(1)
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.multinomial(cand.float(), 1, generator=gen).squeeze(1)  # (n,)
+    masked, masks = [], []
+    for s in range(0, img_embeds.shape[0], batch_size):
+        ids, mask = _trim(txt_ids[s : s + batch_size].to(device), txt_masks[s : s + batch_size].to(device))
+        ie = img_embeds[s : s + batch_size].to(device)
+        with torch.no_grad():
+            te, _ = model.encode_text(ids, mask)
+        _, _, q, k, v, gc = model.word_gradcam_inputs(te, mask, ie, retain_graph=False)
+        me, m = softmask.text_driven_soft_mask(ie, q, k, v, gc, words[s : s + batch_size].to(device),
+                                               floor=model.cfg.mask_floor, backend=model.cfg.op_backend)
+        masked.append(me.detach().float().cpu())
+        masks.append(m.detach().float().cpu())
+    return torch.cat(masked), torch.cat(masks), words
+
+
+def itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, *, seed: int = 0,
+              device="cpu") -> dict:
+    """The shortcut probe: mean ITM match probability of held-out positives and hard negatives, each with
+    clean and with soft-masked images.
+
+    Positives are the pairs (caption i, image i). Hard negatives are, for every image, the text of highest
+    ITC similarity whose caption differs from the image's own, and for every text the image of highest ITC
+    similarity whose caption differs from the text (2n pairs). The soft-masked variants use every image
+    soft-masked by a random word of its own caption (:func:`soft_masked_embeds`), so a dimmed hard negative
+    is dimmed exactly as the training loop dims it. A model that learned "dimmed means match" shows
+    ``itm_neg_masked`` far above ``itm_neg``.
+    """
+    n = sims.shape[0]
+    cap_ids = {c: j for j, c in enumerate(dict.fromkeys(captions))}
+    cid = torch.tensor([cap_ids[c] for c in captions])
+    same = cid[:, None] == cid[None, :]  # (n, n) same caption string
+    masked_sims = sims.masked_fill(same, float("-inf"))
+    ok = ~same.all(1)
+    rows = torch.arange(n)[ok]
+    neg_t = masked_sims.argmax(1)[ok]  # hard negative text of each image
+    neg_i = masked_sims.t().argmax(1)[ok]  # hard negative image of each text
+    pi = torch.cat([rows, neg_i])  # images of the negative pairs
+    pt = torch.cat([neg_t, rows])  # texts of the negative pairs
+    idx = torch.arange(n)
+    res = {
+        "itm_pos": float(_itm_match_prob(model, img_embeds, txt_ids, txt_masks, idx, idx, device=device).mean()),
+        "itm_neg": float(_itm_match_prob(model, img_embeds, txt_ids, txt_masks, pi, pt, device=device).mean()),
+    }
+    masked, _, _ = soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, seed=seed, device=device)
+    res["itm_pos_masked"] = float(_itm_match_prob(model, masked, txt_ids, txt_masks, idx, idx, device=device).mean())
+    res["itm_neg_masked"] = float(_itm_match_prob(model, masked, txt_ids, txt_masks, pi, pt, device=device).mean())
+    res["itm_probe_pairs"] = {"positives": n, "hard_negatives": int(pi.numel())}
+    return res
+
+
+def pointing_subset(model, tokenizer, dataset, *, device="cpu", batch_size: int = 64, max_len: int = 32) -> dict:
+    """The pointing game (shape and colour words) on ``dataset`` (items with ``objects``), in eval mode;
+    the model's train/eval mode is restored. Used by the training loop to watch grounding every N steps
+    on a fixed held-out subset."""
+    from softmask.data import Collator
+
+    was_training = model.training
+    model.eval()
+    try:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                             collate_fn=Collator(tokenizer, max_len))
+        img_embeds, _, txt_ids, txt_masks, _, items = _encode(model, loader, device)
+        return _pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device)
+    finally:
+        model.train(was_training)
+
+
+def _soft_mask_picture(model, tokenizer, img_embeds, txt_ids, txt_masks, items, out_png, device, n_images=6):
+    from softmask.data import denormalize
+    from softmask.eval.plots import plot_soft_masks
+
+    n = min(n_images, len(items))
+    _, masks, words = soft_masked_embeds(model, tokenizer, img_embeds[:n], txt_ids[:n], txt_masks[:n],
+                                         device=device)
+    g = model.cfg.grid
+    toks = [tokenizer.convert_ids_to_tokens([int(txt_ids[i, words[i]])])[0] for i in range(n)]
+    images = denormalize(torch.stack([items[i]["image"] for i in range(n)]))
+    plot_soft_masks(images, [items[i]["caption"] for i in range(n)], toks, masks[:, 1:].reshape(n, g, g), out_png)
+
+
 def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="cpu", pointing: bool = True,
-             overlays_png: Optional[str] = None, batch_size: int = 64, max_len: int = 32) -> dict:
-    """Retrieval (and pointing game when the items carry ``objects``) on ``dataset``."""
+             overlays_png: Optional[str] = None, soft_masks_png: Optional[str] = None, batch_size: int = 64,
+             max_len: int = 32, probe: bool = True) -> dict:
+    """Retrieval, the ITM shortcut probe (:func:`itm_probe`) and, when the items carry ``objects``, the
+    pointing game, on ``dataset``."""
     from softmask.data import Collator
     from softmask.eval.metrics import retrieval_metrics
 
@@ -233,11 +342,15 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
     res.update(num_images=len(items), num_texts=len(items), rerank_k=min(k, len(items)),
                chance_r1=100.0 / max(1, len(items)),
                duplicate_captions=sum(1 for c in captions if len(by_caption[c]) > 1))
+    if probe:
+        res.update(itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, device=device))
     has_objects = any(it["objects"] for it in items)
     if pointing and has_objects:
         res.update(_pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device))
     if overlays_png is not None:
         _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, overlays_png, device)
+    if soft_masks_png is not None:
+        _soft_mask_picture(model, tokenizer, img_embeds, txt_ids, txt_masks, items, soft_masks_png, device)
     model.train(was_training)
     return res
 
@@ -266,7 +379,8 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
                        seed=tcfg["seed"], size=test_size if spec == "shapes" else None)
     plot_dir = os.path.join(out_dir, "plots")
     res = evaluate(model, tokenizer, ds, k=k, device=device,
-                   overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None)
+                   overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None,
+                   soft_masks_png=os.path.join(plot_dir, "soft_masks.png") if plots else None)
     res["checkpoint"] = os.path.abspath(ckpt)
     res["data"] = spec
     run_dir = checkpoint if latest_checkpoint(checkpoint) != checkpoint else os.path.dirname(os.path.dirname(ckpt))

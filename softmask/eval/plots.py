@@ -1,4 +1,4 @@
-"""Pictures: training curves and per-word Grad-CAM overlays (matplotlib, Agg, files only)."""
+"""Pictures: training curves, per-word Grad-CAM overlays and soft masks (matplotlib, Agg, files only)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
 EXTRA_KEYS = ("temperature", "lr")
+#: grounding watched during training (rows of the held-out pointing game), drawn together in one panel
+POINTING_KEYS = ("pointing_game", "pointing_game_color")
 
 
 def _pyplot():
@@ -42,8 +44,9 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def plot_loss_curves(metrics_jsonl_path: str, out_png: str) -> str:
     """One panel per key of ``loss, loss_itc, loss_itm, loss_softmask, loss_mlm,
-    temperature, lr`` present in the metrics file, against ``step`` (the record's
-    position when a record has no step). Missing keys, non-numeric values and
+    temperature, lr`` present in the metrics file, and one panel with the held-out
+    pointing game (``pointing_game``, ``pointing_game_color``, in %) when the file has
+    it, against ``step`` (the record's position when a record has no step). Missing keys, non-numeric values and
     unparsable lines are skipped; with no data at all the figure says so.
 
     Returns ``out_png``.
@@ -54,13 +57,15 @@ def plot_loss_curves(metrics_jsonl_path: str, out_png: str) -> str:
     series: dict[str, tuple[list[float], list[float]]] = {}
     for pos, rec in enumerate(records):
         step = rec.get("step", pos)
-        for key in LOSS_KEYS + EXTRA_KEYS:
+        for key in LOSS_KEYS + EXTRA_KEYS + POINTING_KEYS:
             v = rec.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(step, (int, float)):
                 xs, ys = series.setdefault(key, ([], []))
                 xs.append(float(step))
                 ys.append(float(v))
     keys = [k for k in LOSS_KEYS + EXTRA_KEYS if k in series]
+    if any(k in series for k in POINTING_KEYS):
+        keys.append("pointing")
     plt = _pyplot()
     ncols = min(4, max(1, len(keys)))
     nrows = max(1, math.ceil(len(keys) / ncols))
@@ -73,8 +78,18 @@ def plot_loss_curves(metrics_jsonl_path: str, out_png: str) -> str:
         ax.axis("off")
         ax.text(0.5, 0.5, f"no metrics in\n{os.path.basename(metrics_jsonl_path)}", ha="center", va="center")
     for ax, key in zip(axes.flat, keys):
-        xs, ys = series[key]
         ax.set_visible(True)
+        if key == "pointing":
+            for k in POINTING_KEYS:
+                if k in series:
+                    ax.plot(*series[k], lw=1.2, marker=".", label="shape words" if k == "pointing_game" else "colour words")
+            ax.set_title("pointing game, held-out (%)")
+            ax.set_xlabel("step")
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            continue
+        xs, ys = series[key]
         ax.plot(xs, ys, lw=1.2, marker="." if len(xs) < 30 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
@@ -166,5 +181,53 @@ def plot_gradcam_overlays(
         for j in range(1 + len(words[i]), ncols):
             axes[i, j].axis("off")
     fig.tight_layout()
+    _save(fig, out_png, plt)
+    return out_png
+
+
+def plot_soft_masks(
+    images: torch.Tensor,
+    captions: Sequence[str],
+    words: Sequence[str],
+    masks: torch.Tensor,
+    out_png: str,
+) -> str:
+    """One row per image: the image (caption as title), the chosen word's soft mask on the patch grid
+    (1 = kept, the floor = most dimmed), and the image multiplied by the mask upsampled to pixels (the
+    model multiplies the ViT's patch embeddings, not the pixels: this shows which regions it dims).
+
+    Args:
+        images: Tensor[n, 3, S, S] in [0, 1]; captions: n strings; words: n chosen words;
+        masks: Tensor[n, g, g] with values in [0, 1]; out_png: output file (folders are created).
+
+    Returns ``out_png``.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a Tensor[n, 3, S, S] in [0, 1], got {got}")
+    n, s = images.shape[0], images.shape[-1]
+    if n == 0:
+        raise ValueError("images: expected at least one image, got n = 0")
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != n:
+        got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"masks: expected a Tensor[{n}, g, g], got {got}")
+    if len(captions) != n or len(words) != n:
+        raise ValueError(f"captions, words: expected {n} entries each, got {len(captions)}, {len(words)}")
+    plt = _pyplot()
+    imgs = images.detach().float().cpu().clamp(0, 1)
+    m = masks.detach().float().cpu()
+    up = F.interpolate(m[:, None], size=(s, s), mode="nearest")[:, 0]  # (n, S, S)
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.4 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(imgs[i].permute(1, 2, 0).numpy())
+        axes[i, 0].set_title("\n".join(textwrap.wrap(captions[i], 28)), fontsize=7)
+        im = axes[i, 1].imshow(m[i].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].set_title(f"mask of '{words[i]}'", fontsize=8)
+        axes[i, 2].imshow((imgs[i] * up[i][None]).permute(1, 2, 0).numpy())
+        axes[i, 2].set_title("image x mask", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(im, ax=axes[:, 1].tolist(), shrink=0.6)
     _save(fig, out_png, plt)
     return out_png

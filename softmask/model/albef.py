@@ -273,7 +273,7 @@ class SoftMaskALBEF(nn.Module):
         ).to(image.device)
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
-        # ---------------------------------------------------------------- soft-masked positives
+        # ---------------------------------------------------------------- soft-masked pairs
         if cfg.softmask:
             if word_candidates is None:
                 raise ValueError("word_candidates: required when cfg.softmask is True")
@@ -284,8 +284,18 @@ class SoftMaskALBEF(nn.Module):
             masked_embeds, mask = softmask.text_driven_soft_mask(
                 image_embeds, q, k, v, grad_ctx, word_index, floor=cfg.mask_floor, backend=cfg.op_backend
             )
-            sm_logits, _, _ = self.itm_logits(text_embeds, attention_mask, masked_embeds)
-            loss_softmask = F.cross_entropy(sm_logits.float(), torch.ones(B, dtype=torch.long, device=image.device))
+            if cfg.softmask_negatives:
+                # the soft-masked images in the same 1 : 2 label ratio as the clean ITM pairs, so that
+                # the dimming itself carries no information about the label
+                sm_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)  # (3B, L, hidden)
+                sm_mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
+                sm_image = torch.cat([masked_embeds, masked_embeds[neg_image], masked_embeds], dim=0)  # (3B, N, Dv)
+                sm_labels = itm_labels
+            else:  # the soft-masked image with its own caption only, always labelled a match
+                sm_text, sm_mask, sm_image = text_embeds, attention_mask, masked_embeds
+                sm_labels = itm_labels[:B]
+            sm_logits, _, _ = self.itm_logits(sm_text, sm_mask, sm_image)
+            loss_softmask = F.cross_entropy(sm_logits.float(), sm_labels)
             mask_mean = mask[:, 1:].mean().detach()
         else:
             loss_softmask = image_feat.new_zeros(())

@@ -66,6 +66,9 @@ class ModelConfig:
     mlm_prob: float = 0.15
     softmask: bool = True  # False: the --no-softmask ablation
     mask_floor: float = 0.0  # soft mask value on the most word-related patch
+    # soft-masked images also in ITM negative pairs, in the clean pairs' 1 : 2 ratio (False: the soft-masked image
+    # with its own caption only, always labelled a match, where the dimming itself predicts the label)
+    softmask_negatives: bool = True
     gradcam_layer: int = 0  # index into the fusion layers (0-based); never the last one
     text_aug: bool = True  # ITC/ITM see the masked-caption view; MLM shares the positive ITM fusion pass
     exclude_same_caption_negatives: bool = True  # never sample a hard negative whose caption equals the positive's

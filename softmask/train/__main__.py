@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=None, help="focal ITC exponent (0: plain ITC)")
     p.add_argument("--alpha", type=float, default=None, help="momentum-distillation weight (ramped up)")
     p.add_argument("--no-softmask", action="store_true", help="ablation: no soft-masked ITM positives")
+    p.add_argument("--softmask-positives-only", action="store_true",
+                   help="soft-masked images only in positive ITM pairs (always labelled a match), instead of in "
+                   "positive and negative pairs in the clean pairs' 1 : 2 ratio")
     p.add_argument("--mask-floor", type=float, default=None, help="soft-mask value on the most word-related patch")
     p.add_argument("--gradcam-layer", type=int, default=None, help="fusion layer (0-based) of the Grad-CAM")
     for term in ("itc", "itm", "softmask", "mlm"):
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "OpenMP stalls)")
     p.add_argument("--vit-checkpoint", default=None, help="local timm ViT weights file")
     p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
+    p.add_argument("--pointing-every", type=int, default=d.pointing_every,
+                   help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "
+                   "shapes data only)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
@@ -72,11 +78,12 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         preset=a.preset, data=a.data, image_root=a.image_root, tokenizer=a.tokenizer, steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, temp_lr_scale=a.temp_lr_scale, seed=a.seed, out=a.out, impl=a.impl,
         device=a.device, gamma=a.gamma, alpha=a.alpha, softmask=False if a.no_softmask else None,
-        mask_floor=a.mask_floor, gradcam_layer=a.gradcam_layer, weight_itc=a.weight_itc, weight_itm=a.weight_itm,
+        mask_floor=a.mask_floor, softmask_negatives=False if a.softmask_positives_only else None,
+        gradcam_layer=a.gradcam_layer, weight_itc=a.weight_itc, weight_itm=a.weight_itm,
         weight_softmask=a.weight_softmask, weight_mlm=a.weight_mlm, queue_size=a.queue_size,
         text_aug=False if a.no_text_aug else None, train_size=a.train_size, test_size=a.test_size,
         num_workers=a.num_workers, threads=a.threads, vit_checkpoint=a.vit_checkpoint, bert_dir=a.bert_dir, log_every=a.log_every,
-        save_every=a.save_every, resume=a.resume, run_eval=not a.no_eval, progress=not a.no_progress,
+        save_every=a.save_every, pointing_every=a.pointing_every, resume=a.resume, run_eval=not a.no_eval, progress=not a.no_progress,
     )
 
 

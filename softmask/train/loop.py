@@ -30,9 +30,12 @@ import torch.distributed as dist
 from softmask.model import SoftMaskALBEF, model_preset
 from softmask.model.pretrained import load_pretrained
 from softmask.train.checkpoint import (
+    NoCheckpointError,
+    holds_run,
     latest_checkpoint,
     load_model_weights,
     load_train_state,
+    remove_stale,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -91,6 +94,7 @@ class TrainConfig:
     alpha: Optional[float] = None
     softmask: Optional[bool] = None
     mask_floor: Optional[float] = None
+    softmask_negatives: Optional[bool] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
     weight_itm: Optional[float] = None
@@ -99,10 +103,18 @@ class TrainConfig:
     queue_size: Optional[int] = None
     text_aug: Optional[bool] = None
     eval_k: int = 16
+    # grounding watched during training: the pointing game on the first ``pointing_size`` held-out shapes
+    # items every ``pointing_every`` steps (and before the first step), logged to metrics.jsonl (0: off)
+    pointing_every: int = 100
+    pointing_size: int = 64
 
     def __post_init__(self):
         if self.impl not in ("fused", "reference"):
             raise ValueError(f"impl: expected 'fused' or 'reference', got {self.impl!r}")
+        for name in ("pointing_every", "pointing_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
         for name in ("steps", "batch_size", "log_every", "save_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -110,7 +122,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
 
-    MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "gradcam_layer", "weight_itc", "weight_itm",
+    MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug")
 
     def model_config(self, tokenizer):
@@ -199,12 +211,19 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     """Keep the metrics of steps <= ``last_step`` (a resumed run rewrites the later ones)."""
     if not os.path.exists(path):
         return
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    with open(path, "w") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:  # rewritten under another name: a kill here loses nothing
         for r in rows:
             if r.get("step", 0) <= last_step:
                 f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def _set_threads(threads: Optional[int], device: torch.device) -> None:
@@ -291,9 +310,20 @@ def train(cfg: TrainConfig) -> dict:
     out = cfg.out
     os.makedirs(out, exist_ok=True)
 
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None and is_main:
-        print(f"softmask-pretrain: --resume: no checkpoint in {out}/checkpoints, starting from step 0", file=sys.stderr)
+    if is_main:
+        stale = remove_stale(out)  # leftovers of saves interrupted by a kill
+        if stale:
+            print(f"softmask-pretrain: removed {len(stale)} leftover(s) of interrupted checkpoint saves in "
+                  f"{out}/checkpoints: {', '.join(stale)}", file=sys.stderr)
+    ckpt = latest_checkpoint(out, warn=is_main) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        if holds_run(out):
+            raise NoCheckpointError(
+                f"--resume: {out} holds a run (metrics.jsonl or checkpoints/) but no loadable checkpoint (expected "
+                f"{out}/checkpoints/step_* with model.safetensors, train_state.pt and config.json); not starting "
+                f"over on top of it. Remove the directory, or use another --out, to start a new run")
+        if is_main:
+            print(f"softmask-pretrain: --resume: no run in {out}, starting from step 0", file=sys.stderr)
 
     tokenizer = get_tokenizer(cfg.tokenizer)
     tok_dir = os.path.join(out, "tokenizer")
@@ -335,6 +365,16 @@ def train(cfg: TrainConfig) -> dict:
     dataset = build_dataset(cfg.data, "train", mcfg.image_size, train=True, image_root=cfg.image_root,
                             seed=cfg.seed, size=cfg.train_size if cfg.data == "shapes" else None)
     collate = Collator(tokenizer, cfg.max_len)
+    watch = None  # fixed held-out subset for the pointing game during training (shapes data only)
+    if is_main and cfg.pointing_every > 0 and cfg.pointing_size > 0 and cfg.data == "shapes":
+        watch = build_dataset("shapes", "test", mcfg.image_size, train=False, seed=cfg.seed, size=cfg.pointing_size)
+
+    def watch_grounding():
+        from softmask.eval.evaluate import pointing_subset
+
+        res = pointing_subset(model, tokenizer, watch, device=device)
+        return {k: res[k] for k in ("pointing_game", "pointing_game_color") if k in res}
+
     stream = batch_stream(dataset, collate, batch_size=cfg.batch_size, seed=cfg.seed, cursor=cursor, rank=rank,
                           world=world, num_workers=cfg.num_workers)
     ramp = cfg.alpha_ramp_steps if cfg.alpha_ramp_steps is not None else max(1, cfg.steps // 5)
@@ -354,6 +394,9 @@ def train(cfg: TrainConfig) -> dict:
     last, window_t, window_n = {}, time.time(), 0
     guard = _ThreadGuard(enabled=cfg.threads is None and device.type == "cpu" and world == 1)
     model.train()
+    if watch is not None and step == 0 and cfg.steps >= cfg.pointing_every:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": 0, **watch_grounding()}) + "\n")
     while step < cfg.steps:
         t_step = time.perf_counter()
         c, batch = next(stream)
@@ -404,7 +447,8 @@ def train(cfg: TrainConfig) -> dict:
         window_n += image.shape[0] * world
         guard.observe(time.perf_counter() - t_step)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        pointing_now = watch is not None and step % cfg.pointing_every == 0
+        if step % cfg.log_every == 0 or step == cfg.steps or pointing_now:
             vals = terms.tolist()
             now = time.time()
             row = {"step": step, "loss": float(losses["loss"].detach()),
@@ -412,7 +456,9 @@ def train(cfg: TrainConfig) -> dict:
                    "lr": optimizer.param_groups[0]["lr"], "temperature": float(model.temp.detach()),
                    "alpha": alpha, "mask_mean": float(losses["mask_mean"]),
                    "samples_per_s": window_n / max(now - window_t, 1e-9), "num_dropped": num_dropped}
-            window_t, window_n = now, 0
+            if pointing_now:
+                row.update(watch_grounding())
+            window_t, window_n = time.time(), 0
             last = row
             if is_main:
                 with open(metrics_path, "a") as f:
