@@ -8,24 +8,50 @@ Notation (DESIGN.md, "Focal ITC loss"): queries ``Q`` [B, D], key bank ``K`` [N,
 ``g = (1-p)^gamma - gamma (1-p)^(gamma-1) p log p``, ``S_i = sum_j q_ij g_ij``:
 ``dL_i/dz_ik = p_ik S_i - q_ik g_ik``.
 
-The forward kernel never builds the [B, N] logits. It returns, per row, the loss,
-``dL_i/dQ_i`` (so the autograd backward is a scale), ``dL_i/dtau`` and the row
-statistics (lse, S, g_ii) that the key-gradient kernel of the CLIP mode needs.
+The key bank is one tensor or two (``[part 0; part 1]``, e.g. ALBEF's momentum
+features of the batch and its queue): the kernels read both through two base
+pointers and the boundary row ``N0`` (:func:`_load_keys`), never a concatenated copy.
 
-Sweep 1 (every case): online log-sum-exp of ``z`` and, with targets, of ``zm``,
-and in the same pass the rescaled accumulations ``sum_j p_j K_j`` and
-``sum_j p_j z_j`` (flash-attention style), so the ``p_k S`` part of the gradient
-costs no second sweep because ``S`` is a row scalar.
-Sweep 2 (only with momentum targets): the loss, ``S``, ``sum_j q_j g_j K_j`` and
-``sum_j q_j g_j z_j``. With one-hot targets only the diagonal term remains and is
-computed from the diagonal of the sweep's tiles: one sweep in all.
+Split over the keys (flash-decoding style). Programs run over (block of BLOCK_M
+rows) x (split of ``keys_per_split`` consecutive keys, a multiple of BLOCK_N), the row
+block varying fastest so that the programs of one split run together and share its
+keys in L2. Each writes partial statistics to small buffers in the accumulation dtype:
 
-Work per direction: one-hot targets 2 matmuls of ``B*N*D`` MACs (z, p@K);
-momentum targets 6 (z, zm, p@K; z, zm, qg@K). Minimum bytes: K read once per
-row block ``ceil(B/BLOCK_M) * N * D * elem``, plus Q, Qm, dQ once.
+* sweep 1 (every case), per split: running max ``m`` and rescaled sum ``s`` of
+  ``exp(z)``, ``sum e z``, the positive's logit ``z_ii`` (0 outside its split), and
+  with targets the max and sum of ``exp(zm)``: ``[6, SPLITS, B]``; the rescaled
+  ``sum_j e_j K_j``: ``[SPLITS, B, D]``.
+* sweep 2 (only with momentum targets), per split: each program first merges the
+  sweep-1 ``(m, s)`` of its rows over all splits into the global log-sum-exps of
+  ``z`` and ``zm`` (``SPLITS x BLOCK_M`` values: no separate launch between the sweeps),
+  then writes ``(loss, S, sum q g z)``: ``[3, SPLITS, B]``, and ``sum q g K``:
+  ``[SPLITS, B, D]``. These are plain sums over the keys, so they merge linearly.
+* combine (one launch over rows x chunks of D): ``m = max_s m_s``,
+  ``w_s = exp(m_s - m)``, ``lse = m + log(sum_s w_s s_s)``,
+  ``sum p K = sum_s w_s (sum e K)_s / sum_s w_s s_s``; then
+  ``dQ = (S sum p K - sum q g K) / tau`` (``S`` is a row scalar, so the product with the
+  merged ``sum p K`` is exact), ``dL/dtau = -(S sum p z - sum q g z) / tau``. With
+  one-hot targets only the positive term remains: ``S = g_ii`` and ``sum q g K = g_ii K_i``.
+
+A split holding only padding (possible when a split count is forced) stores
+``m = -inf``, ``s = 0`` and zero accumulators: its weight ``exp(-inf - m)`` is 0.
+Split 0 always holds key 0, so ``m`` is finite.
+
+The CLIP-mode key gradient ``dK_k = sum_i w_i (p_ik S_i - [i == k] g_ii) Q_i / tau``
+sums over the query rows, so its split is over the rows: programs over (block of keys)
+x (split of rows) write ``[SPLITS, N, D]`` partial sums that one ``sum(0)`` merges.
+
+Work per direction: one-hot targets 2 matmuls of ``B*N*D`` MACs (z, e@K);
+momentum targets 6 (z, zm, e@K; z, zm, qg@K). Bytes: K read once per row block and
+sweep from L2 (once from HBM when the row blocks of a split run together), plus the
+partial buffers, at most ``8 * BLOCK_M / (keys_per_split * elem)`` of the key bytes
+per sweep by the choice of splits (:func:`_plan`), plus Q, Qm, dQ once.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -90,49 +116,82 @@ def _load_tile(PTR, idx, offs_d, stride_r, stride_d, n_rows, D, DOT_FP32: tl.con
 
 
 @triton.jit
-def _focal_itc_fwd_kernel(
-    Q, QM, K, TAU,
-    LOSS, DQ, DTAU, STATS,
-    B, N, D,
-    stride_qb, stride_qd, stride_qmb, stride_qmd, stride_kn, stride_kd, stride_dqb, stride_sb,
-    gamma_hi, gamma_lo, alpha_hi, alpha_lo,
-    HAS_TARGETS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _load_keys(K0, K1, idx, offs_d, s0n, s0d, s1n, s1d, N0, n_valid, D,
+               TWO_PARTS: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Rows ``idx`` of the key bank ``[part 0 (rows 0..N0-1); part 1 (rows N0..)]`` as a
+    (len(idx), BLOCK_D) tile, zero where ``idx >= n_valid`` or ``offs_d >= D``. A tile
+    that straddles ``N0`` takes each row from its own part (two masked loads, the same
+    bytes as one)."""
+    dmask = (offs_d < D)[None, :]
+    valid = idx < n_valid
+    m0 = (valid & (idx < N0))[:, None] & dmask
+    tile = tl.load(K0 + idx[:, None] * s0n + offs_d[None, :] * s0d, mask=m0, other=0.0)
+    if TWO_PARTS:
+        m1 = (valid & (idx >= N0))[:, None] & dmask
+        i1 = tl.where(idx >= N0, idx - N0, 0)
+        tile = tl.where(m1, tl.load(K1 + i1[:, None] * s1n + offs_d[None, :] * s1d, mask=m1, other=0.0), tile)
+    if DOT_FP32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _merged_lse(PM, PS, rows, rmask, n_splits, stride_ps, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``log(sum_s exp(m_s) s_s)`` over the splits' partial ``(m, s)`` of ``rows``:
+    the global max first, so that an empty split (``m_s = -inf``) weighs exactly 0."""
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    for sp in range(0, n_splits):
+        m = tl.maximum(m, tl.load(PM + sp * stride_ps + rows, mask=rmask, other=0.0))
+    s = tl.zeros([BLOCK_M], ACC)
+    for sp in range(0, n_splits):
+        m_s = tl.load(PM + sp * stride_ps + rows, mask=rmask, other=0.0)
+        s += tl.exp(m_s - m) * tl.load(PS + sp * stride_ps + rows, mask=rmask, other=1.0)
+    return m + tl.log(s)
+
+
+@triton.jit
+def _focal_itc_sweep1_kernel(
+    Q, QM, K0, K1, TAU, PSTAT, PACC,
+    B, N, N0, D, keys_per_split,
+    stride_qb, stride_qd, stride_qmb, stride_qmd, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
+    stride_pstat, stride_ps, stride_pas, stride_pab,
+    HAS_TARGETS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Partial log-sum-exp of ``z`` (and ``zm``), ``sum e z``, ``z_ii`` and ``sum e K``
+    over one split of the keys, online-rescaled (flash-attention style)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    qd_mask = rmask[:, None] & dmask[None, :]
     q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, B, D, DOT_FP32)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
-    # Float scalars reach kernels as fp32; hi + lo halves keep float64 inputs exact.
-    gamma = tl.cast(gamma_hi, ACC) + tl.cast(gamma_lo, ACC)
-    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_lo, ACC)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, N)
     if HAS_TARGETS:
         qm = _load_tile(QM, rows, offs_d, stride_qmb, stride_qmd, B, D, DOT_FP32)
         m_m = tl.full([BLOCK_M], float("-inf"), ACC)
         s_m = tl.zeros([BLOCK_M], ACC)
-
-    # ---- sweep 1: lse of z (and zm), sum_j p_j K_j and sum_j p_j z_j, online-rescaled
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     s_i = tl.zeros([BLOCK_M], ACC)
     pz_i = tl.zeros([BLOCK_M], ACC)
     z_ii = tl.zeros([BLOCK_M], ACC)
     acc_pk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for start in range(0, N, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
+        cmask = cols < hi
+        k = _load_keys(K0, K1, cols, offs_d, stride_k0n, stride_k0d, stride_k1n, stride_k1d, N0, hi, D,
+                       TWO_PARTS, DOT_FP32)
         z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
         z = tl.where(cmask[None, :], z, 0.0)  # padded columns of K are zero rows
+        # Every tile of a split holds >= 1 valid column (the split starts below hi), so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(tl.where(cmask[None, :], z, float("-inf")), 1))
         scale = tl.exp(m_i - m_new)
         e = tl.where(cmask[None, :], tl.exp(z - m_new[:, None]), 0.0)
         s_i = s_i * scale + tl.sum(e, 1)
         pz_i = pz_i * scale + tl.sum(e * z, 1)
-        # The positive's logit from the same tile as the lse, so that a saturated row
+        # The positive's logit from the same tile as the max, so that a saturated row
         # gives log p_ii == 0 exactly (a separate dot product could round differently).
         z_ii += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), 1)
         acc_pk = acc_pk * scale[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
@@ -143,84 +202,172 @@ def _focal_itc_fwd_kernel(
             mm_new = tl.maximum(m_m, tl.max(zm, 1))
             s_m = s_m * tl.exp(m_m - mm_new) + tl.sum(tl.exp(zm - mm_new[:, None]), 1)
             m_m = mm_new
-    lse = m_i + tl.log(s_i)
-    acc_pk = acc_pk / s_i[:, None]  # sum_j p_j K_j
-    pz_i = pz_i / s_i  # sum_j p_j z_j
-    dq_ptrs = DQ + rows[:, None] * stride_dqb + offs_d[None, :]
+    pst = PSTAT + pid_s * stride_ps + rows
+    tl.store(pst, m_i, mask=rmask)
+    tl.store(pst + stride_pstat, s_i, mask=rmask)
+    tl.store(pst + 2 * stride_pstat, pz_i, mask=rmask)
+    tl.store(pst + 3 * stride_pstat, z_ii, mask=rmask)
     if HAS_TARGETS:
-        # Park sum_j p_j K_j in the output while sweep 2 needs its registers for
-        # sum_j q_j g_j K_j (two live [BLOCK_M, BLOCK_D] accumulators spilled at D = 256).
-        tl.store(dq_ptrs, acc_pk, mask=qd_mask)
+        tl.store(pst + 4 * stride_pstat, m_m, mask=rmask)
+        tl.store(pst + 5 * stride_pstat, s_m, mask=rmask)
+    tl.store(PACC + pid_s * stride_pas + rows[:, None] * stride_pab + offs_d[None, :], acc_pk,
+             mask=rmask[:, None] & (offs_d < D)[None, :])
 
-    # ---- diagonal (positive) term
+
+@triton.jit
+def _focal_itc_sweep2_kernel(
+    Q, QM, K0, K1, TAU, PSTAT, P2STAT, P2ACC,
+    B, N, N0, D, keys_per_split, n_splits,
+    stride_qb, stride_qd, stride_qmb, stride_qmd, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
+    stride_pstat, stride_ps, stride_pas, stride_pab,
+    gamma_hi, gamma_lo, alpha_hi, alpha_lo,
+    TWO_PARTS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Momentum targets: partial loss, ``S``, ``sum q g z`` and ``sum q g K`` over one
+    split of the keys, with the global log-sum-exps merged from sweep 1's partials."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, B, D, DOT_FP32)
+    qm = _load_tile(QM, rows, offs_d, stride_qmb, stride_qmd, B, D, DOT_FP32)
+    inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    # Float scalars reach kernels as fp32; hi + lo halves keep float64 inputs exact.
+    gamma = tl.cast(gamma_hi, ACC) + tl.cast(gamma_lo, ACC)
+    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_lo, ACC)
+    lse = _merged_lse(PSTAT, PSTAT + stride_pstat, rows, rmask, n_splits, stride_ps, ACC, BLOCK_M)
+    lse_m = _merged_lse(PSTAT + 4 * stride_pstat, PSTAT + 5 * stride_pstat, rows, rmask, n_splits, stride_ps,
+                        ACC, BLOCK_M)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, N)
+    loss = tl.zeros([BLOCK_M], ACC)
+    s_row = tl.zeros([BLOCK_M], ACC)
+    qgz = tl.zeros([BLOCK_M], ACC)
+    acc_qgk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < hi
+        k = _load_keys(K0, K1, cols, offs_d, stride_k0n, stride_k0d, stride_k1n, stride_k1d, N0, hi, D,
+                       TWO_PARTS, DOT_FP32)
+        z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+        zm = tl.dot(qm, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+        l = tl.where(cmask[None, :], z - lse[:, None], 0.0)  # padded columns: harmless l = 0
+        p = tl.exp(l)
+        t, g = _focal_terms(l, p, gamma, ACC == tl.float64)
+        tgt = alpha * tl.exp(zm - lse_m[:, None])
+        tgt = tl.where(cols[None, :] == rows[:, None], tgt + (1.0 - alpha), tgt)
+        tgt = tl.where(cmask[None, :], tgt, 0.0)
+        loss -= tl.sum(tgt * t * l, 1)
+        qg = tgt * g
+        s_row += tl.sum(qg, 1)
+        qgz += tl.sum(qg * tl.where(cmask[None, :], z, 0.0), 1)
+        acc_qgk += tl.dot(qg.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    pst = P2STAT + pid_s * stride_ps + rows
+    tl.store(pst, loss, mask=rmask)
+    tl.store(pst + stride_pstat, s_row, mask=rmask)
+    tl.store(pst + 2 * stride_pstat, qgz, mask=rmask)
+    tl.store(P2ACC + pid_s * stride_pas + rows[:, None] * stride_pab + offs_d[None, :], acc_qgk,
+             mask=rmask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _focal_itc_combine_kernel(
+    PSTAT, PACC, P2STAT, P2ACC, K0, K1, TAU,
+    LOSS, DQ, DTAU, STATS,
+    B, N0, D, n_splits,
+    stride_pstat, stride_ps, stride_pas, stride_pab, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
+    stride_dqb, stride_sb,
+    gamma_hi, gamma_lo,
+    HAS_TARGETS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits' partials of BLOCK_M rows and BLOCK_D feature columns into the
+    loss, ``dL/dQ``, ``dL/dtau`` and the row statistics (lse, S, g_ii)."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    qd_mask = rmask[:, None] & (offs_d < D)[None, :]
+    inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    gamma = tl.cast(gamma_hi, ACC) + tl.cast(gamma_lo, ACC)
+
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    for sp in range(0, n_splits):
+        m = tl.maximum(m, tl.load(PSTAT + sp * stride_ps + rows, mask=rmask, other=0.0))
+    s = tl.zeros([BLOCK_M], ACC)
+    pz = tl.zeros([BLOCK_M], ACC)
+    z_ii = tl.zeros([BLOCK_M], ACC)
+    pk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for sp in range(0, n_splits):
+        pst = PSTAT + sp * stride_ps + rows
+        w = tl.exp(tl.load(pst, mask=rmask, other=0.0) - m)  # 0 for an empty split (m_s = -inf)
+        s += w * tl.load(pst + stride_pstat, mask=rmask, other=1.0)
+        pz += w * tl.load(pst + 2 * stride_pstat, mask=rmask, other=0.0)
+        z_ii += tl.load(pst + 3 * stride_pstat, mask=rmask, other=0.0)  # nonzero in the positive's split only
+        pk += w[:, None] * tl.load(PACC + sp * stride_pas + rows[:, None] * stride_pab + offs_d[None, :],
+                                   mask=qd_mask, other=0.0)
+    lse = m + tl.log(s)
+    pk = pk / s[:, None]  # sum_j p_j K_j
+    pz = pz / s  # sum_j p_j z_j
     l_ii = z_ii - lse
     t_ii, g_ii = _focal_terms(l_ii, tl.exp(l_ii), gamma, ACC == tl.float64)
-
     if HAS_TARGETS:
-        lse_m = m_m + tl.log(s_m)
-        # ---- sweep 2: loss, S, sum_j q_j g_j K_j and sum_j q_j g_j z_j
         loss = tl.zeros([BLOCK_M], ACC)
         s_row = tl.zeros([BLOCK_M], ACC)
         qgz = tl.zeros([BLOCK_M], ACC)
-        acc_qgk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
-            z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
-            zm = tl.dot(qm, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
-            l = tl.where(cmask[None, :], z - lse[:, None], 0.0)  # padded columns: harmless l = 0
-            p = tl.exp(l)
-            t, g = _focal_terms(l, p, gamma, ACC == tl.float64)
-            tgt = alpha * tl.exp(zm - lse_m[:, None])
-            tgt = tl.where(cols[None, :] == rows[:, None], tgt + (1.0 - alpha), tgt)
-            tgt = tl.where(cmask[None, :], tgt, 0.0)
-            loss -= tl.sum(tgt * t * l, 1)
-            qg = tgt * g
-            s_row += tl.sum(qg, 1)
-            qgz += tl.sum(qg * tl.where(cmask[None, :], z, 0.0), 1)
-            acc_qgk += tl.dot(qg.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+        qgk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for sp in range(0, n_splits):
+            pst = P2STAT + sp * stride_ps + rows
+            loss += tl.load(pst, mask=rmask, other=0.0)
+            s_row += tl.load(pst + stride_pstat, mask=rmask, other=0.0)
+            qgz += tl.load(pst + 2 * stride_pstat, mask=rmask, other=0.0)
+            qgk += tl.load(P2ACC + sp * stride_pas + rows[:, None] * stride_pab + offs_d[None, :],
+                           mask=qd_mask, other=0.0)
     else:
         loss = -t_ii * l_ii
         s_row = g_ii
         qgz = g_ii * z_ii
-        k_diag = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=qd_mask, other=0.0)
-        acc_qgk = g_ii[:, None] * k_diag.to(ACC)
-
-    if HAS_TARGETS:
-        acc_pk = tl.load(dq_ptrs, mask=qd_mask, other=0.0)
-    dq = (s_row[:, None] * acc_pk - acc_qgk) * inv_tau
-    dtau = -inv_tau * (s_row * pz_i - qgz)
-    tl.store(LOSS + rows, loss, mask=rmask)
-    tl.store(DTAU + rows, dtau, mask=rmask)
-    tl.store(dq_ptrs, dq, mask=qd_mask)
-    tl.store(STATS + rows, lse, mask=rmask)
-    tl.store(STATS + stride_sb + rows, s_row, mask=rmask)
-    tl.store(STATS + 2 * stride_sb + rows, g_ii, mask=rmask)
+        k_diag = _load_keys(K0, K1, rows, offs_d, stride_k0n, stride_k0d, stride_k1n, stride_k1d, N0, B, D,
+                            TWO_PARTS, False)
+        qgk = g_ii[:, None] * k_diag.to(ACC)
+    dq = (s_row[:, None] * pk - qgk) * inv_tau
+    tl.store(DQ + rows[:, None] * stride_dqb + offs_d[None, :], dq, mask=qd_mask)
+    first = rmask & (pid_d == 0)  # the row results once, from the first chunk of D
+    tl.store(LOSS + rows, loss, mask=first)
+    tl.store(DTAU + rows, -inv_tau * (s_row * pz - qgz), mask=first)
+    tl.store(STATS + rows, lse, mask=first)
+    tl.store(STATS + stride_sb + rows, s_row, mask=first)
+    tl.store(STATS + 2 * stride_sb + rows, g_ii, mask=first)
 
 
 @triton.jit
 def _focal_itc_key_grad_kernel(
     Q, K, TAU, STATS, W, W_SCALE, DK,
-    B, N, D,
-    stride_qb, stride_qd, stride_kn, stride_kd, stride_dkn, stride_sb,
+    B, N, D, rows_per_split,
+    stride_qb, stride_qd, stride_kn, stride_kd, stride_dks, stride_dkn, stride_sb,
     ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``dK_k = sum_i w_i * (p_ik S_i - [i == k] g_ii) Q_i / tau`` for one-hot targets:
-    one program per block of keys, one sweep over the query rows."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``dK_k = sum_i w_i * (p_ik S_i - [i == k] g_ii) Q_i / tau`` for one-hot targets,
+    summed over one split of the query rows: one program per (block of keys, split)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    lo = pid_s * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, B)
     acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    for start in range(0, B, BLOCK_M):
+    for start in range(lo, hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < B
-        q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, B, D, DOT_FP32)
+        rmask = rows < hi
+        q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, hi, D, DOT_FP32)
         lse = tl.load(STATS + rows, mask=rmask, other=0.0)
         s_row = tl.load(STATS + stride_sb + rows, mask=rmask, other=0.0)
         g_ii = tl.load(STATS + 2 * stride_sb + rows, mask=rmask, other=0.0)
@@ -231,30 +378,114 @@ def _focal_itc_key_grad_kernel(
         dz = dz * w[:, None]
         acc += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * (inv_tau * tl.load(W_SCALE).to(ACC))
-    tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :], acc, mask=cmask[:, None] & dmask[None, :])
+    tl.store(DK + pid_s * stride_dks + cols[:, None] * stride_dkn + offs_d[None, :], acc,
+             mask=cmask[:, None] & dmask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
+
+MAX_D = 1024
+MAX_PARTS = 2  # key-bank parts the kernels read directly (ALBEF: batch momentum features, queue)
+
+# Grid target: at least this many programs per SM (issue 7), so that one program's
+# memory stalls are covered by another's work on the same SM.
+PROGRAMS_PER_SM = 2
+
+# A split's partial accumulator ([BLOCK_M, D] in fp32, written once and read once by
+# the combine: 8 * BLOCK_M * D bytes) may cost at most 1/4 of the key bytes it replaces
+# (keys_per_split * D * elem): keys_per_split * elem >= PARTIAL_BYTES_FACTOR * BLOCK_M,
+# with PARTIAL_BYTES_FACTOR = 4 * 8. With two sweeps that bounds the partials to half the
+# key traffic in the worst case; at albef_gpu the choice lands far below (NOTES.md).
+PARTIAL_BYTES_FACTOR = 32
+
+# Merge kernel tile: 16 rows x 32 feature columns (512 elements, 4 per thread at 4
+# warps) gives 32 programs at B = 64, D = 256, each reading 2 x SPLITS x 2 KB.
+COMBINE_BLOCK_M = 16
+COMBINE_BLOCK_D = 32
 
 
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _config(D: int, dtype: torch.dtype):
-    """Block sizes and warps. BLOCK_D covers D in one tile (the [BLOCK_M, BLOCK_D]
-    accumulator lives in registers), so wide D and 4-byte/8-byte inputs take smaller tiles.
-    Chosen from ptxas's register/spill report for sm_90 (``python -m tests.compile_kernels``,
-    benchmarks/NOTES.md); not yet timed on a GPU."""
+def _tile_candidates(D: int, dtype: torch.dtype):
+    """Block sizes and launch options the launcher may pick for ``D`` and ``dtype``,
+    largest row block first. BLOCK_D covers D in one tile (the [BLOCK_M, BLOCK_D]
+    accumulator lives in registers), so wide D and 4-byte/8-byte inputs take smaller
+    tiles. Chosen from ptxas's register/spill report for sm_90
+    (``python -m tests.compile_kernels``, benchmarks/NOTES.md); not yet timed on a GPU.
+    The 16-row half-precision tile serves small batches, where 64-row blocks would need
+    so many splits that the partial accumulators cost more than the keys (:func:`_plan`)."""
     block_d = max(16, triton.next_power_of_2(D))
     if interpreting():
         # Each interpreted program costs ~2.5 ms: few, large programs.
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), {}
+        return [(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), {})]
     if dtype in (torch.float16, torch.bfloat16) and block_d <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)
+        return [(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)),
+                (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
     if dtype in (torch.float16, torch.bfloat16) or block_d <= 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=2)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=1)
+        return [(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
+    return [(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=1))]
+
+
+def _combine_config(D: int):
+    block_d = max(16, triton.next_power_of_2(D))
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_D=block_d), {}
+    return dict(BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=min(COMBINE_BLOCK_D, block_d)), dict(num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 1 under the interpreter (CPU tensors),
+    which keeps interpreted grids small."""
+    if device.type == "cuda":
+        return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+    return 1
+
+
+def _split_count(n_tiles: int, wanted: int, max_splits: int):
+    """Tiles per split and split count for at least ``wanted`` splits (at most
+    ``max_splits``, at least 1) of ``n_tiles`` tiles: ``floor`` tiles per split, so the
+    rounding gives more splits, never fewer."""
+    want = max(1, min(wanted, max_splits, n_tiles))
+    per = max(1, n_tiles // want)
+    return per, triton.cdiv(n_tiles, per)
+
+
+def _plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, splits: Optional[int] = None):
+    """Blocks, launch options, keys per split and split count of the two sweeps.
+
+    The grid is ``ceil(B / BLOCK_M) x SPLITS`` programs. For each candidate tile (largest
+    row block first) the split count aims at ``PROGRAMS_PER_SM`` programs per SM, capped
+    so that every split holds at least one BLOCK_N tile and at least
+    ``PARTIAL_BYTES_FACTOR * BLOCK_M / elem`` keys. The first candidate that reaches the
+    target is taken, else the one with the most programs. ``splits`` forces the count
+    (tests): keys are then dealt in BLOCK_N multiples and trailing splits may be empty.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    target = PROGRAMS_PER_SM * sm_count(device)
+    best = None
+    for blocks, launch in _tile_candidates(D, dtype):
+        bm, bn = blocks["BLOCK_M"], blocks["BLOCK_N"]
+        row_blocks = triton.cdiv(B, bm)
+        n_tiles = triton.cdiv(N, bn)
+        if splits is not None:
+            per = triton.cdiv(n_tiles, splits)
+            return blocks, launch, per * bn, splits
+        min_keys = triton.cdiv(PARTIAL_BYTES_FACTOR * bm, elem)
+        per, n_splits = _split_count(n_tiles, triton.cdiv(target, row_blocks), max(1, N // min_keys))
+        programs = row_blocks * n_splits
+        if best is None or programs > best[0]:
+            best = (programs, blocks, launch, per * bn, n_splits)
+        if programs >= target:
+            break
+    _, blocks, launch, keys_per_split, n_splits = best
+    return blocks, launch, keys_per_split, n_splits
 
 
 def _flags(dtype: torch.dtype):
@@ -263,59 +494,113 @@ def _flags(dtype: torch.dtype):
     return dict(ACC=_tl_acc(dtype), DOT_FP32=dot_fp32, PRECISION=precision)
 
 
-MAX_D = 1024
+def _key_parts(keys):
+    """``(K0, K1, N0, N, two_parts)`` for a [N, D] tensor or a sequence of 1-2 of them."""
+    parts = [keys] if isinstance(keys, torch.Tensor) else list(keys)
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"keys: the triton kernels take 1 to {MAX_PARTS} key-bank parts, got {len(parts)}")
+    k0 = parts[0]
+    k1 = parts[1] if len(parts) == 2 else k0
+    n0 = k0.shape[0]
+    return k0, k1, n0, n0 + (k1.shape[0] if len(parts) == 2 else 0), len(parts) == 2
 
 
-
-
-def focal_itc_direction_triton(q, k, qm, tau, gamma: float, alpha: float):
+def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, splits: Optional[int] = None):
     """One direction of the focal ITC loss with its gradients, never building [B, N].
 
-    Args: ``q`` [B, D], ``k`` [N, D], ``qm`` [B, D] or None (one-hot targets),
-    ``tau`` 0-dim tensor on the same device. Returns ``loss`` [B], ``dq`` [B, D]
-    (``dL_i/dQ_i``), ``dtau`` [B] (``dL_i/dtau``) and ``stats`` [3, B] (lse, S, g_ii),
-    all float32 (float64 for float64 inputs).
+    Args: ``q`` [B, D]; ``keys`` a [N, D] tensor or a sequence of up to
+    :data:`MAX_PARTS` tensors [N_p, D] read as their concatenation (no copy);
+    ``qm`` [B, D] or None (one-hot targets); ``tau`` 0-dim tensor on the same device.
+    ``splits`` (tests) forces the number of key splits. Returns ``loss`` [B], ``dq``
+    [B, D] (``dL_i/dQ_i``), ``dtau`` [B] (``dL_i/dtau``) and ``stats`` [3, B]
+    (lse, S, g_ii), all float32 (float64 for float64 inputs).
     """
+    k0, k1, n0, N, two_parts = _key_parts(keys)
     B, D = q.shape
-    N = k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    loss = torch.empty(B, device=q.device, dtype=acc)
-    dtau = torch.empty(B, device=q.device, dtype=acc)
-    dq = torch.empty(B, D, device=q.device, dtype=acc)
-    stats = torch.empty(3, B, device=q.device, dtype=acc)
+    dev = q.device
     has_targets = qm is not None and alpha > 0
     qm_ = qm if has_targets else q
-    blocks, launch = _config(D, q.dtype)
-    grid = (triton.cdiv(B, blocks["BLOCK_M"]),)
-    _focal_itc_fwd_kernel[grid](
-        q, qm_, k, tau, loss, dq, dtau, stats,
-        B, N, D,
-        q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), k.stride(0), k.stride(1), dq.stride(0),
-        stats.stride(0),
-        *split_f32(gamma), *split_f32(alpha),
-        HAS_TARGETS=has_targets, **_flags(q.dtype), **blocks, **launch,
+    blocks, launch, keys_per_split, n_splits = _plan(B, N, D, q.dtype, dev, splits)
+    flags = _flags(q.dtype)
+    # Partial buffers; every element is written by the sweeps (rows < B, d < D).
+    pstat = torch.empty(6 if has_targets else 4, n_splits, B, device=dev, dtype=acc)
+    pacc = torch.empty(n_splits, B, D, device=dev, dtype=acc)
+    if has_targets:
+        p2stat = torch.empty(3, n_splits, B, device=dev, dtype=acc)
+        p2acc = torch.empty(n_splits, B, D, device=dev, dtype=acc)
+    else:
+        p2stat, p2acc = pstat, pacc  # unused (HAS_TARGETS=False)
+    key_args = (k0.stride(0), k0.stride(1), k1.stride(0), k1.stride(1))
+    grid = (triton.cdiv(B, blocks["BLOCK_M"]), n_splits)
+    _focal_itc_sweep1_kernel[grid](
+        q, qm_, k0, k1, tau, pstat, pacc,
+        B, N, n0, D, keys_per_split,
+        q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args,
+        pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1),
+        HAS_TARGETS=has_targets, TWO_PARTS=two_parts, **flags, **blocks, **launch,
+    )
+    if has_targets:
+        _focal_itc_sweep2_kernel[grid](
+            q, qm_, k0, k1, tau, pstat, p2stat, p2acc,
+            B, N, n0, D, keys_per_split, n_splits,
+            q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args,
+            pstat.stride(0), pstat.stride(1), p2acc.stride(0), p2acc.stride(1),
+            *split_f32(gamma), *split_f32(alpha),
+            TWO_PARTS=two_parts, **flags, **blocks, **launch,
+        )
+    loss = torch.empty(B, device=dev, dtype=acc)
+    dtau = torch.empty(B, device=dev, dtype=acc)
+    dq = torch.empty(B, D, device=dev, dtype=acc)
+    stats = torch.empty(3, B, device=dev, dtype=acc)
+    cblocks, claunch = _combine_config(D)
+    cgrid = (triton.cdiv(B, cblocks["BLOCK_M"]), triton.cdiv(D, cblocks["BLOCK_D"]))
+    _focal_itc_combine_kernel[cgrid](
+        pstat, pacc, p2stat, p2acc, k0, k1, tau,
+        loss, dq, dtau, stats,
+        B, n0, D, n_splits,
+        pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1), *key_args,
+        dq.stride(0), stats.stride(0),
+        *split_f32(gamma),
+        HAS_TARGETS=has_targets, TWO_PARTS=two_parts, ACC=flags["ACC"], **cblocks, **claunch,
     )
     return loss, dq, dtau, stats
 
 
-def focal_itc_key_grad_triton(q, k, tau, stats, w):
+def _key_grad_plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device,
+                   splits: Optional[int] = None):
+    """Tile of the forward's plan (CLIP mode: N = B) and the split of the query rows:
+    ``ceil(N / BLOCK_N) x SPLITS`` programs, aiming at ``PROGRAMS_PER_SM`` per SM, each
+    split at least one BLOCK_M tile of rows."""
+    blocks, launch, _, _ = _plan(B, N, D, dtype, device)
+    bm = blocks["BLOCK_M"]
+    row_tiles = triton.cdiv(B, bm)
+    if splits is not None:
+        return blocks, launch, triton.cdiv(row_tiles, splits) * bm, splits
+    target = PROGRAMS_PER_SM * sm_count(device)
+    per, n_splits = _split_count(row_tiles, triton.cdiv(target, triton.cdiv(N, blocks["BLOCK_N"])), row_tiles)
+    return blocks, launch, per * bm, n_splits
+
+
+def focal_itc_key_grad_triton(q, k, tau, stats, w, *, splits: Optional[int] = None):
     """Gradient with respect to the keys for one-hot targets (CLIP mode):
-    ``dK = sum_i w_i dL_i/dK`` as float32 [N, D] (float64 for float64 inputs)."""
+    ``dK = sum_i w_i dL_i/dK`` as float32 [N, D] (float64 for float64 inputs).
+    ``splits`` (tests) forces the number of row splits."""
     B, D = q.shape
     N = k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dk = torch.empty(N, D, device=q.device, dtype=acc)
     # Weights normalized to max |w| = 1 before the half-precision dz @ Q (a mean over a
     # large batch would push dz * w below float16's normal range); the scale is
     # applied to the float32 accumulator. Computed on the device: no host sync.
     w_scale = w.abs().amax().to(acc).clamp_min(torch.finfo(acc).tiny)
     w = (w.to(acc) / w_scale).contiguous()
-    blocks, launch = _config(D, q.dtype)
-    grid = (triton.cdiv(N, blocks["BLOCK_N"]),)
+    blocks, launch, rows_per_split, n_splits = _key_grad_plan(B, N, D, q.dtype, q.device, splits)
+    part = torch.empty(n_splits, N, D, device=q.device, dtype=acc)
+    grid = (triton.cdiv(N, blocks["BLOCK_N"]), n_splits)
     _focal_itc_key_grad_kernel[grid](
-        q, k, tau, stats, w, w_scale, dk,
-        B, N, D,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), dk.stride(0), stats.stride(0),
+        q, k, tau, stats, w, w_scale, part,
+        B, N, D, rows_per_split,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), part.stride(0), part.stride(1), stats.stride(0),
         **_flags(q.dtype), **blocks, **launch,
     )
-    return dk
+    return part[0] if n_splits == 1 else part.sum(0)
