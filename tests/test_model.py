@@ -161,12 +161,59 @@ def test_config_errors():
             base.embed_dim, base.queue_size, base.gradcam_layer) == (256, 16, 768, 6, 6, 256, 65536, 2)
 
 
-def test_softmask_off_and_gamma_zero(tok, batch):
+def test_softmask_off_and_gamma_zero(tok, batch, monkeypatch):
+    """softmask=False: the soft-mask op is never called, loss_softmask is 0 and the loss is the
+    weighted sum of the other terms. gamma=0: loss_itc and its gradients (features and
+    temperature) equal ALBEF's ITC, cross-entropy against the momentum-distillation targets,
+    written out here on the features and key banks the model passed to the loss."""
+    import softmask as sm
+
+    seen = {}
+    real = sm.focal_itc_loss
+
+    def spy(image_feat, text_feat, temp, **kw):
+        seen.update(image_feat=image_feat, text_feat=text_feat, temp=temp, **kw)
+        return real(image_feat, text_feat, temp, **kw)
+
+    def no_soft_mask(*args, **kw):
+        raise AssertionError("text_driven_soft_mask called with softmask=False")
+
+    monkeypatch.setattr(sm, "focal_itc_loss", spy)
+    monkeypatch.setattr(sm, "text_driven_soft_mask", no_soft_mask)
     torch.manual_seed(0)
     model = SoftMaskALBEF(small(tok, softmask=False, gamma=0.0))
-    out = run(model, batch)
-    assert float(out["loss_softmask"]) == 0.0 and torch.isfinite(out["loss"])
+    cfg = model.cfg
+    out = run(model, batch, alpha=0.4)
+    assert float(out["loss_softmask"]) == 0.0 and float(out["mask_mean"]) == 1.0
+    torch.testing.assert_close(out["loss"], cfg.weight_itc * out["loss_itc"] + cfg.weight_itm * out["loss_itm"]
+                               + cfg.weight_mlm * out["loss_mlm"], rtol=1e-6, atol=0)
+
+    assert seen["gamma"] == 0.0 and seen["alpha"] == 0.4 and seen["temp"] is model.temp
+    temp = model.temp
+
+    def albef_ce(q, keys, q_m):  # ALBEF's loss_i2t / loss_t2i
+        logits = q @ keys.t() / temp  # (B, B + Q)
+        with torch.no_grad():
+            onehot = torch.zeros_like(logits)
+            onehot[torch.arange(q.shape[0]), torch.arange(q.shape[0])] = 1.0
+            targets = 0.4 * torch.softmax(q_m @ keys.t() / temp, dim=1) + 0.6 * onehot
+        return -(torch.log_softmax(logits, dim=1) * targets).sum(1).mean()
+
+    i, t = seen["image_feat"], seen["text_feat"]
+    albef = 0.5 * (albef_ce(i, seen["text_keys"], seen["image_feat_m"]) + albef_ce(t, seen["image_keys"], seen["text_feat_m"]))
+    torch.testing.assert_close(out["loss_itc"], albef, rtol=1e-5, atol=0)
+    got = torch.autograd.grad(out["loss_itc"], (i, t, temp), retain_graph=True)
+    want = torch.autograd.grad(albef, (i, t, temp), retain_graph=True)
+    for name, g, w in zip(("d image_feat", "d text_feat", "d temp"), got, want):
+        assert float(w.abs().max()) > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()), msg=name)
+
     out["loss"].backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    bad = [n for n, p in trained if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, bad[:10]
+    # the temperature enters only the ITC loss (the hard-negative sampling uses it detached)
+    torch.testing.assert_close(temp.grad, cfg.weight_itc * want[2], rtol=1e-4, atol=0)
 
 
 def test_momentum_and_queue(tok, batch):
