@@ -126,17 +126,90 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(run4, tmp_path, capsys):
     assert "non-finite loss at step 3" in err and "loss_itm" in err
 
 
-def test_eval_of_tiny_run(run4, tmp_path):
-    from softmask.eval.__main__ import main as eval_main
+def _recall_bounds(scores, gt, ks=(1, 5, 10), margin=1e-4):
+    """Recall@k in percent of each row of ``scores [n, m]`` whose ground truth is the bool
+    ``gt [n, m]`` (the best-scored ground truth counts; non-ground-truth ties count against
+    it), as a (low, high) pair: scores within ``margin`` of the best ground truth count as
+    ties for ``low`` and, unless exactly equal, as losers for ``high``, so float noise of the order of ``margin``
+    between this computation and the evaluator cannot flip a rank."""
+    lo, hi = {}, {}
+    n = scores.shape[0]
+    best = torch.where(gt, scores, torch.full_like(scores, float("-inf"))).amax(1, keepdim=True)
+    rank_hi = ((scores >= best - margin) & ~gt).sum(1)  # pessimistic
+    rank_lo = (((scores > best + margin) | (scores == best)) & ~gt).sum(1)  # optimistic; exact ties still count
+    for k in ks:
+        lo[k] = 100.0 * float((rank_hi < k).sum()) / n
+        hi[k] = 100.0 * float((rank_lo < k).sum()) / n
+    return lo, hi
 
+
+def test_eval_of_tiny_run(run4, tmp_path):
+    """softmask-eval on a 4-step run: every recall and the pointing game recomputed here from the
+    model's encoders and heads (all n x n ITM pairs, ALBEF's top-k rerank, the reference Grad-CAM
+    of every object word), and the plots written."""
+    from softmask import reference as ref
+    from softmask.data import Collator, build_dataset, word_positions
+    from softmask.eval.__main__ import main as eval_main
+    from softmask.eval.evaluate import load_model
+
+    n, k = 12, 4
     dst = str(tmp_path / "ev")
-    rc = eval_main(["--checkpoint", run4, "--test-size", "12", "--k", "4", "--out", dst])
+    rc = eval_main(["--checkpoint", run4, "--test-size", str(n), "--k", str(k), "--out", dst])
     assert rc == 0
     res = json.load(open(os.path.join(dst, "eval.json")))
-    for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "pointing_game"):
-        assert 0.0 <= res[key] <= 100.0, key
-    assert res["num_images"] == 12 and res["pointing_game_n"] > 12
-    assert res["tr_r10"] == 100.0 or res["tr_r10"] >= res["tr_r5"] >= res["tr_r1"]
+    assert res["num_images"] == n and res["rerank_k"] == k
+
+    model, tok, run_cfg, _ = load_model(run4)
+    ds = build_dataset("shapes", "test", model.cfg.image_size, train=False, seed=run_cfg["train"]["seed"], size=n)
+    items = [ds[i] for i in range(n)]
+    b = Collator(tok, 32)(items)
+    ids, am = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        img_embeds, img_feat = model.encode_image(b["image"])
+        txt_embeds, txt_feat = model.encode_text(ids, am)
+        sims = (img_feat @ txt_feat.t()).double()  # (image, text)
+        ii, tt = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        ii, tt = ii.reshape(-1), tt.reshape(-1)
+        itm = model.itm_logits(txt_embeds[tt], am[tt], img_embeds[ii])[0][:, 1].double().view(n, n)
+    captions = [it["caption"] for it in items]
+    same = torch.tensor([[a == c for c in captions] for a in captions])  # text j is a ground truth of image i
+    top_i2t = torch.zeros(n, n, dtype=torch.bool).scatter_(1, sims.topk(k, dim=1).indices, True)
+    top_t2i = torch.zeros(n, n, dtype=torch.bool).scatter_(1, sims.t().topk(k, dim=1).indices, True)
+    i2t = torch.where(top_i2t, itm, torch.full_like(itm, -100.0))  # ALBEF: only the top k are rescored
+    t2i = torch.where(top_t2i, itm.t(), torch.full_like(itm, -100.0))
+    checks = [("tr", i2t, same), ("ir", t2i, torch.eye(n, dtype=torch.bool)),
+              ("itc_tr", sims, same), ("itc_ir", sims.t(), torch.eye(n, dtype=torch.bool))]
+    for name, scores, gt in checks:
+        lo, hi = _recall_bounds(scores, gt)
+        for kk in (1, 5, 10):
+            got = res[f"{name}_r{kk}"]
+            assert lo[kk] <= got <= hi[kk], f"{name}_r{kk} = {got}, recomputed [{lo[kk]}, {hi[kk]}]"
+        assert any(lo[kk] < 100.0 for kk in (1, 5, 10)) or name.startswith("itc"), name  # not a trivial 100 %
+
+    S, g = model.cfg.image_size, model.cfg.grid
+    for key, field in (("pointing_game", "word"), ("pointing_game_color", "color")):
+        pi, pw, boxes = [], [], []
+        for i, it in enumerate(items):
+            pos = word_positions(ids[i], tok, [o[field] for o in it["objects"]])
+            for o, p in zip(it["objects"], pos):
+                if p >= 0:
+                    pi.append(i)
+                    pw.append(p)
+                    boxes.append(o["box"])
+        idx = torch.tensor(pi)
+        _, _, q, kk_, v, gc = model.word_gradcam_inputs(txt_embeds[idx], am[idx], img_embeds[idx])
+        cam = ref.word_gradcam_reference(q, kk_, v, gc, torch.tensor(pw))[:, 1:]  # (m, g * g), [CLS] dropped
+        centres = (torch.arange(g, dtype=torch.float64) + 0.5) * S / g
+        sure, maybe = 0, 0
+        for c, (x0, y0, x1, y1) in zip(cam, boxes):
+            near = (c >= c.max() - 1e-5 * c.abs().max()).nonzero().flatten()  # the peak, and anything tying it
+            inside = [bool(x0 <= centres[p % g] <= x1 and y0 <= centres[p // g] <= y1) for p in near.tolist()]
+            sure += all(inside)
+            maybe += any(inside) and not all(inside)
+        m = len(pi)
+        assert res[f"{key}_n"] == m, (key, res[f"{key}_n"], m)
+        assert 100.0 * sure / m <= res[key] <= 100.0 * (sure + maybe) / m, (key, res[key], sure, maybe, m)
+
     assert os.path.getsize(os.path.join(dst, "plots", "gradcam_overlays.png")) > 0
     assert os.path.getsize(os.path.join(dst, "plots", "loss_curves.png")) > 0
     assert eval_main(["--checkpoint", str(tmp_path / "nothing")]) == 2
