@@ -31,6 +31,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _key_bank(keys) -> torch.Tensor:
+    """A key bank given as a tensor or a sequence of parts, as one [N, D] tensor."""
+    return keys if isinstance(keys, torch.Tensor) else torch.cat(list(keys), dim=0)
+
+
 def focal_itc_rows_reference(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -46,9 +51,11 @@ def focal_itc_rows_reference(
     ``z = query @ keys.T / t``, ``p = softmax(z)``, targets
     ``q = alpha * softmax(query_m @ keys.T / t) + (1 - alpha) * onehot`` (row i's
     positive is key i), ``L_i = -sum_j q_ij (1 - p_ij)^gamma log p_ij``.
-    With ``upcast`` the math runs in float32 (float64 stays float64).
+    With ``upcast`` the math runs in float32 (float64 stays float64). ``keys`` may be a
+    sequence of [N_p, D] parts, concatenated here.
     """
     B = query.shape[0]
+    keys = _key_bank(keys)
     dt = _acc(query.dtype) if upcast else query.dtype
     q, k = query.to(dt), keys.to(dt)
     logits = q @ k.t() / temperature  # (B, N)
@@ -80,7 +87,8 @@ def focal_itc_loss_reference(
     upcast: bool = True,
 ) -> torch.Tensor:
     """Materialized focal ITC loss (both directions), same semantics as
-    :func:`softmask.focal_itc_loss`. Builds the ``[B, N]`` logits."""
+    :func:`softmask.focal_itc_loss` (key banks: tensors or sequences of parts, which are
+    concatenated). Builds the ``[B, N]`` logits."""
     if text_keys is None and image_keys is None:  # CLIP mode: in-batch keys, gradient into both
         text_keys, image_keys = text_feat, image_feat
     rows = 0.5 * (

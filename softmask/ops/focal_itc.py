@@ -9,7 +9,7 @@ live at once), ``reference`` (``softmask.reference``, materialized, autograd).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from softmask.ops._common import (
 )
 
 __all__ = ["focal_itc_loss", "FocalITCLoss"]
+
+# A key bank: one [N, D] tensor or a sequence of [N_p, D] tensors read as their concatenation.
+KeyBank = Union[Tensor, Sequence[Tensor]]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -48,6 +51,24 @@ def _focal_terms_torch(l: Tensor, p: Tensor, gamma: float) -> Tuple[Tensor, Tens
     return t, g
 
 
+def _key_bank(keys: KeyBank, acc: torch.dtype) -> Tensor:
+    """The key bank as one [N, D] tensor in the accumulation dtype. A sequence of parts is
+    copied into one contiguous buffer (the CPU path's matmuls then see exactly the layout
+    and values of ``torch.cat(parts)``, so results match the concatenated bank bit for
+    bit); a single tensor is only cast (no copy for float32/float64)."""
+    if isinstance(keys, Tensor):
+        return keys.to(acc)
+    parts = list(keys)
+    if len(parts) == 1:
+        return parts[0].to(acc)
+    out = parts[0].new_empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=acc)
+    row = 0
+    for p in parts:
+        out[row:row + p.shape[0]].copy_(p)
+        row += p.shape[0]
+    return out
+
+
 def _row_blocks(B: int, N: int):
     step = max(1, TORCH_BLOCK_ELEMS // max(N, 1))
     for r0 in range(0, B, step):
@@ -55,11 +76,12 @@ def _row_blocks(B: int, N: int):
 
 
 def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float):
-    """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`."""
+    """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`
+    (``k``: a [N, D] tensor or a sequence of parts)."""
     B, D = q.shape
-    N = k.shape[0]
     acc = accum_dtype(q.dtype)
-    kk = k.to(acc)
+    kk = _key_bank(k, acc)
+    N = kk.shape[0]
     inv_tau = 1.0 / tau.to(acc)
     has_targets = qm is not None and alpha > 0
     loss = torch.empty(B, device=q.device, dtype=acc)
@@ -141,8 +163,8 @@ def _focal_itc_rows(
     image_feat: Tensor,
     text_feat: Tensor,
     temperature: Tensor,
-    image_keys: Optional[Tensor],
-    text_keys: Optional[Tensor],
+    image_keys: List[Tensor],
+    text_keys: List[Tensor],
     image_feat_m: Optional[Tensor],
     text_feat_m: Optional[Tensor],
     gamma: float,
@@ -151,8 +173,10 @@ def _focal_itc_rows(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses of both directions plus what the backward needs:
     ``(loss_i2t [B], loss_t2i [B], dL_i2t/dimage [B, D], dL_t2i/dtext [B, D],
-    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [3, B], stats_t2i [3, B])``."""
-    clip = text_keys is None
+    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [3, B], stats_t2i [3, B])``.
+    ``image_keys`` / ``text_keys``: the parts of each key bank; empty lists select the
+    CLIP mode."""
+    clip = len(text_keys) == 0
     tk = text_feat if clip else text_keys
     ik = image_feat if clip else image_keys
     tau = temperature.detach()
@@ -185,8 +209,11 @@ def _(q, k, temperature, stats, w, backend):
 def _setup_context(ctx, inputs, output):
     image_feat, text_feat, temperature, image_keys, text_keys, _, _, _, _, backend = inputs
     _, _, dq1, dq2, dt1, dt2, st1, st2 = output
-    ctx.clip = text_keys is None
+    ctx.clip = len(text_keys) == 0
     ctx.backend = backend
+    ctx.n_parts = (len(image_keys), len(text_keys))
+    # No key-bank tensor is saved: the forward computed dL/dfeatures and dL/dtau, so a
+    # write into a queue part after the loss (ALBEF's enqueue) cannot change the backward.
     ctx.save_for_backward(image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2)
     ctx.mark_non_differentiable(*output[2:])
 
@@ -206,7 +233,9 @@ def _backward(ctx, g1, g2, *_unused):
         d_text = d_text.to(text_feat.dtype)
     if ctx.needs_input_grad[2]:
         d_tau = (g1 * dt1 + g2 * dt2).sum().to(temperature.dtype)
-    return d_image, d_text, d_tau, None, None, None, None, None, None, None
+    no_grad_bank = lambda n: [None] * n  # noqa: E731  (one entry per key-bank part)
+    return (d_image, d_text, d_tau, no_grad_bank(ctx.n_parts[0]), no_grad_bank(ctx.n_parts[1]),
+            None, None, None, None, None)
 
 
 _focal_itc_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -249,14 +278,9 @@ def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_f
     if (image_keys is None) != (text_keys is None):
         given, missing = ("image_keys", "text_keys") if text_keys is None else ("text_keys", "image_keys")
         raise ValueError(f"{missing}: expected a [N, D] key bank since {given} is given (or both None), got None")
+    banks = {}
     for name, keys in (("text_keys", text_keys), ("image_keys", image_keys)):
-        if keys is None:
-            continue
-        check_tensor(name, keys, ndim=2)
-        check_same(name, keys, "image_feat", image_feat)
-        check_size(name, keys, 1, D, "D, as image_feat")
-        if keys.shape[0] < B:
-            raise ValueError(f"{name}: expected N >= B = {B} keys (row i's positive is key i), got N = {keys.shape[0]}")
+        banks[name] = None if keys is None else _key_parts(name, keys, image_feat)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma: expected a Python float, got {type(gamma).__name__}")
     if not (gamma >= 0 and math.isfinite(gamma)):
@@ -277,7 +301,33 @@ def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_f
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    return float(gamma), alpha
+    return float(gamma), alpha, banks["image_keys"], banks["text_keys"]
+
+
+def _key_parts(name: str, keys, image_feat: Tensor) -> Tuple[Tensor, ...]:
+    """Validate a key bank (a [N, D] tensor, or a tuple/list of [N_p, D] tensors read as
+    their concatenation) part by part and return its non-empty parts as a tuple."""
+    B, D = image_feat.shape
+    if isinstance(keys, Tensor):
+        named = [(name, keys)]
+    elif isinstance(keys, (tuple, list)):
+        if len(keys) == 0:
+            raise ValueError(f"{name}: expected a [N, D] tensor or a non-empty tuple/list of [N_p, D] tensors, "
+                             f"got an empty {type(keys).__name__}")
+        named = [(f"{name}[{i}]", part) for i, part in enumerate(keys)]
+    else:
+        raise TypeError(f"{name}: expected a [N, D] tensor or a tuple/list of [N_p, D] tensors, "
+                        f"got {type(keys).__name__}")
+    for part_name, part in named:
+        check_tensor(part_name, part, ndim=2)
+        # Mixed dtypes between parts are rejected: the dtype of the keys sets the
+        # precision of the products and the bytes read, so it must be the features' dtype.
+        check_same(part_name, part, "image_feat", image_feat)
+        check_size(part_name, part, 1, D, "D, as image_feat")
+    n = sum(part.shape[0] for _, part in named)
+    if n < B:
+        raise ValueError(f"{name}: expected N >= B = {B} keys (row i's positive is key i), got N = {n}")
+    return tuple(part for _, part in named if part.shape[0] > 0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -289,8 +339,8 @@ def focal_itc_loss(
     temperature,
     *,
     gamma: float = 2.0,
-    image_keys: Optional[Tensor] = None,
-    text_keys: Optional[Tensor] = None,
+    image_keys: Optional[KeyBank] = None,
+    text_keys: Optional[KeyBank] = None,
     image_feat_m: Optional[Tensor] = None,
     text_feat_m: Optional[Tensor] = None,
     alpha: float = 0.0,
@@ -320,9 +370,18 @@ def focal_itc_loss(
             gradient). Must be > 0; a tensor is read once on the host to check it
             (skipped under ``torch.compile``).
         gamma: focal exponent >= 0.
-        text_keys, image_keys: [N, D] key banks (N >= B, row i's positive is key i;
-            ALBEF: ``[momentum features of the batch; queue]``). Treated as constants:
-            no gradient reaches them. Both None selects the CLIP mode: each direction
+        text_keys, image_keys: key banks, each a [N, D] tensor or a tuple/list of
+            [N_p, D] tensors that is read as their concatenation along dim 0 without
+            building it (ALBEF: ``(text_feat_m, text_queue)``, i.e. the momentum
+            features of the batch then the queue, passed as they are). N >= B in all;
+            row i's positive is key i. Every part has the features' dtype and device
+            (mixed dtypes, e.g. a bfloat16 queue with float32 features, are rejected
+            with a TypeError naming the part: cast the smaller part, not the queue).
+            backend="triton" reads at most 2 non-empty parts; "torch" copies the parts
+            into one buffer per call (the CPU path); "reference" concatenates.
+            Treated as constants: no gradient reaches them, and no part is kept for the
+            backward, so writing into a queue after the loss (the enqueue) does not
+            change the gradients. Both None selects the CLIP mode: each direction
             uses the other modality's online batch features as keys and gradients flow
             into both sides.
         image_feat_m, text_feat_m: [B, D] momentum features for the distillation
@@ -342,17 +401,23 @@ def focal_itc_loss(
     same sweeps over the key bank, and the backward only scales them (plus one sweep
     for the key gradient in CLIP mode). Double backward is not supported.
     """
-    gamma, alpha = _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha,
-                             reduction)
+    gamma, alpha, image_keys, text_keys = _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m,
+                                                    text_feat_m, gamma, alpha, reduction)
     temperature = _check_temperature(temperature, image_feat)
     backend = resolve_backend(backend, image_feat.device)
     if backend == "triton":
-        from softmask.kernels.focal_itc import MAX_D
+        from softmask.kernels.focal_itc import MAX_D, MAX_PARTS
 
         if image_feat.shape[1] > MAX_D:
             raise ValueError(
                 f"image_feat: backend='triton' supports D <= {MAX_D}, got D = {image_feat.shape[1]}; use backend='torch'"
             )
+        for name, parts in (("text_keys", text_keys), ("image_keys", image_keys)):
+            if parts is not None and len(parts) > MAX_PARTS:
+                raise ValueError(
+                    f"{name}: backend='triton' reads at most {MAX_PARTS} non-empty key-bank parts, got {len(parts)}; "
+                    f"pass fewer parts or use backend='torch'"
+                )
     if alpha == 0:
         image_feat_m = text_feat_m = None
     if backend == "reference":
@@ -361,8 +426,9 @@ def focal_itc_loss(
             image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha, reduction=reduction,
         )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    detach_bank = lambda parts: [] if parts is None else [p.detach() for p in parts]  # noqa: E731
     out = _focal_itc_rows(
-        image_feat, text_feat, temperature, detach(image_keys), detach(text_keys), detach(image_feat_m),
+        image_feat, text_feat, temperature, detach_bank(image_keys), detach_bank(text_keys), detach(image_feat_m),
         detach(text_feat_m), gamma, alpha, backend,
     )
     rows = 0.5 * (out[0] + out[1])
@@ -390,8 +456,8 @@ class FocalITCLoss(torch.nn.Module):
         text_feat: Tensor,
         temperature,
         *,
-        image_keys: Optional[Tensor] = None,
-        text_keys: Optional[Tensor] = None,
+        image_keys: Optional[KeyBank] = None,
+        text_keys: Optional[KeyBank] = None,
         image_feat_m: Optional[Tensor] = None,
         text_feat_m: Optional[Tensor] = None,
     ) -> Tensor:
