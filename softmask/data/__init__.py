@@ -57,16 +57,18 @@ def build_dataset(
     image_root: Optional[str] = None,
     seed: int = 0,
     size: Optional[int] = None,
+    distort: bool = True,
 ):
     """Data set from a spec: ``"shapes"`` → :class:`ShapesDataset` (``split``, ``size``,
     ``seed``); a path ending in ``.json`` → :class:`CaptionJsonDataset` (``split``,
     ``seed`` and ``size`` are ignored: one JSON file is one split). Both use
-    ``image_transform(image_size, train)``.
+    ``image_transform(image_size, train, distort)`` (``distort=False``: training crops without the
+    caption-safe RandAugment, the image half of the multi-modal augmentation switched off).
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec: expected 'shapes' or a path to a .json file, got {type(spec).__name__}")
     spec = os.fspath(spec)
-    transform = image_transform(image_size, train)
+    transform = image_transform(image_size, train, distort)
     if spec == "shapes":
         return ShapesDataset(split=split, size=size, image_size=image_size, seed=seed, transform=transform)
     if spec.lower().endswith(".json"):

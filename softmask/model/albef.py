@@ -55,6 +55,7 @@ def build_vision_encoder(cfg: ModelConfig) -> nn.Module:
         qkv_bias=True,
         num_classes=0,
         drop_path_rate=cfg.vision_drop_path,
+        reg_tokens=cfg.vision_registers,
     )
     set_vit_attention(vit, cfg.attn_impl)
     return vit
@@ -168,9 +169,15 @@ class SoftMaskALBEF(nn.Module):
 
     # ------------------------------------------------------------------ encoders
 
+    def _image_tokens(self, vit: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """ViT tokens ``[B, 1+P, Dv]``: [CLS] then the patches (register tokens, if any, dropped)."""
+        embeds = vit.forward_features(image)  # (B, 1 + R + P, Dv)
+        R = self.cfg.vision_registers
+        return torch.cat([embeds[:, :1], embeds[:, 1 + R :]], dim=1) if R else embeds
+
     def encode_image(self, image: torch.Tensor):
         """``image [B,3,S,S] -> (embeds [B, 1+P, Dv], feat [B, E] unit-norm)``."""
-        embeds = self.visual_encoder.forward_features(image)
+        embeds = self._image_tokens(self.visual_encoder, image)
         return embeds, F.normalize(self.vision_proj(embeds[:, 0]).float(), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -227,7 +234,7 @@ class SoftMaskALBEF(nn.Module):
         # ---------------------------------------------------------------- ITC (focal, momentum distillation)
         with torch.no_grad():
             self.momentum_update()
-            image_embeds_m = self.visual_encoder_m.forward_features(image)
+            image_embeds_m = self._image_tokens(self.visual_encoder_m, image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
             text_embeds_m = self.text_encoder_m(text_ids, attention_mask)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]).float(), dim=-1)

@@ -35,6 +35,9 @@ class ModelConfig:
     vision_heads: int = 4
     vision_mlp_ratio: float = 4.0
     vision_drop_path: float = 0.0
+    # extra learnable ViT tokens ("registers", Darcet et al. 2024) that are dropped from the image embeddings the
+    # fusion encoder sees: without them a ViT can park global information in background patches
+    vision_registers: int = 0
     # ------------------------------------------------------------------ text / fusion encoders (BERT layout)
     vocab_size: int = 30522
     hidden_size: int = 128
@@ -98,6 +101,8 @@ class ModelConfig:
             raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
         if not (0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha: expected a value in [0, 1], got {self.alpha}")
+        if self.vision_registers < 0:
+            raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:
             raise ValueError(f"queue_size: expected >= 0, got {self.queue_size}")
 

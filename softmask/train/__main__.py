@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=None)
     p.add_argument("--no-text-aug", action="store_true",
                    help="ITC/ITM on the clean caption (ALBEF) instead of the masked-caption view")
+    p.add_argument("--no-image-aug", action="store_true",
+                   help="training crops without the caption-safe RandAugment (the image half of the multi-modal "
+                   "augmentation; --no-text-aug is the text half)")
     p.add_argument("--train-size", type=int, default=d.train_size, help="shapes training items")
     p.add_argument("--test-size", type=int, default=None, help="shapes held-out items (default: 256)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader worker processes")
@@ -81,7 +84,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         mask_floor=a.mask_floor, softmask_negatives=False if a.softmask_positives_only else None,
         gradcam_layer=a.gradcam_layer, weight_itc=a.weight_itc, weight_itm=a.weight_itm,
         weight_softmask=a.weight_softmask, weight_mlm=a.weight_mlm, queue_size=a.queue_size,
-        text_aug=False if a.no_text_aug else None, train_size=a.train_size, test_size=a.test_size,
+        text_aug=False if a.no_text_aug else None, image_aug=not a.no_image_aug, train_size=a.train_size, test_size=a.test_size,
         num_workers=a.num_workers, threads=a.threads, vit_checkpoint=a.vit_checkpoint, bert_dir=a.bert_dir, log_every=a.log_every,
         save_every=a.save_every, pointing_every=a.pointing_every, resume=a.resume, run_eval=not a.no_eval, progress=not a.no_progress,
     )

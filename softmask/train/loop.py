@@ -95,6 +95,8 @@ class TrainConfig:
     softmask: Optional[bool] = None
     mask_floor: Optional[float] = None
     softmask_negatives: Optional[bool] = None
+    fusion_layers: Optional[int] = None
+    vision_registers: Optional[int] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
     weight_itm: Optional[float] = None
@@ -102,6 +104,8 @@ class TrainConfig:
     weight_mlm: Optional[float] = None
     queue_size: Optional[int] = None
     text_aug: Optional[bool] = None
+    # image half of the multi-modal augmentation: caption-safe RandAugment on the training crops
+    image_aug: bool = True
     eval_k: int = 16
     # grounding watched during training: the pointing game on the first ``pointing_size`` held-out shapes
     # items every ``pointing_every`` steps (and before the first step), logged to metrics.jsonl (0: off)
@@ -123,7 +127,8 @@ class TrainConfig:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "gradcam_layer", "weight_itc", "weight_itm",
-                       "weight_softmask", "weight_mlm", "queue_size", "text_aug")
+                       "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers",
+                       "vision_registers")
 
     def model_config(self, tokenizer):
         over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
@@ -363,7 +368,8 @@ def train(cfg: TrainConfig) -> dict:
         )
 
     dataset = build_dataset(cfg.data, "train", mcfg.image_size, train=True, image_root=cfg.image_root,
-                            seed=cfg.seed, size=cfg.train_size if cfg.data == "shapes" else None)
+                            seed=cfg.seed, size=cfg.train_size if cfg.data == "shapes" else None,
+                            distort=cfg.image_aug)
     collate = Collator(tokenizer, cfg.max_len)
     watch = None  # fixed held-out subset for the pointing game during training (shapes data only)
     if is_main and cfg.pointing_every > 0 and cfg.pointing_size > 0 and cfg.data == "shapes":
