@@ -41,11 +41,40 @@ from softmask.model.layers import FusionEncoder, MLMHead, TextEncoder
 __all__ = ["SoftMaskALBEF", "build_vision_encoder", "all_gather_nograd"]
 
 
+def _conv_stem_embed():
+    """A timm ``PatchEmbed`` whose single ``patch x patch`` projection is replaced by a stack of 3x3
+    stride-2 convolutions (log2(patch) of them, widths doubling up to ``embed_dim``; Xiao et al. 2021,
+    "Early convolutions help transformers see better"): overlapping receptive fields give the patch
+    tokens local shape features from the first step."""
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            p = self.patch_size[0]
+            n = p.bit_length() - 1
+            if p != self.patch_size[1] or 2**n != p or n < 1:
+                raise ValueError(f"vision_stem 'conv': patch_size must be a power of 2 >= 2, got {self.patch_size}")
+            in_ch, out_dim = self.proj.in_channels, self.proj.out_channels
+            widths = [max(8, out_dim >> (n - 1 - i)) for i in range(n)]  # (..., D/2, D)
+            layers, c = [], in_ch
+            for i, w in enumerate(widths):
+                layers.append(nn.Conv2d(c, w, 3, stride=2, padding=1))
+                if i < n - 1:
+                    layers.append(nn.GELU())
+                c = w
+            self.proj = nn.Sequential(*layers)  # (B, 3, S, S) -> (B, D, S / p, S / p)
+
+    return ConvStemPatchEmbed
+
+
 def build_vision_encoder(cfg: ModelConfig) -> nn.Module:
     """timm VisionTransformer without a classifier head (random init, nothing downloaded)."""
     from timm.models.vision_transformer import VisionTransformer
 
+    extra = {"embed_layer": _conv_stem_embed()} if cfg.vision_stem == "conv" else {}
     vit = VisionTransformer(
+        **extra,
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.vision_width,

@@ -38,6 +38,8 @@ class ModelConfig:
     # extra learnable ViT tokens ("registers", Darcet et al. 2024) that are dropped from the image embeddings the
     # fusion encoder sees: without them a ViT can park global information in background patches
     vision_registers: int = 0
+    # "patch": ViT's linear patch projection (loads timm / ALBEF weights); "conv": 3x3 stride-2 conv stem
+    vision_stem: str = "patch"
     # ------------------------------------------------------------------ text / fusion encoders (BERT layout)
     vocab_size: int = 30522
     hidden_size: int = 128
@@ -101,6 +103,8 @@ class ModelConfig:
             raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
         if not (0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha: expected a value in [0, 1], got {self.alpha}")
+        if self.vision_stem not in ("patch", "conv"):
+            raise ValueError(f"vision_stem: expected 'patch' or 'conv', got {self.vision_stem!r}")
         if self.vision_registers < 0:
             raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:

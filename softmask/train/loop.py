@@ -96,6 +96,8 @@ class TrainConfig:
     mask_floor: Optional[float] = None
     softmask_negatives: Optional[bool] = None
     fusion_layers: Optional[int] = None
+    momentum: Optional[float] = None
+    vision_stem: Optional[str] = None
     vision_registers: Optional[int] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
@@ -127,7 +129,7 @@ class TrainConfig:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "gradcam_layer", "weight_itc", "weight_itm",
-                       "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers",
+                       "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
                        "vision_registers")
 
     def model_config(self, tokenizer):

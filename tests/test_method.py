@@ -1,0 +1,244 @@
+"""The soft-mask ITM design (dimmed images in positive and negative pairs), the ITM shortcut
+probe, the pointing game watched during training, ViT registers and the conv stem, the
+soft-mask picture and the ablation table."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softmask.data import Collator, build_dataset, candidate_word_mask, get_tokenizer, mask_tokens
+from softmask.model import SoftMaskALBEF, model_preset
+from softmask.model.albef import build_vision_encoder
+
+B = 6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    ds = build_dataset("shapes", "train", 64, train=True, size=B, seed=5)
+    b = Collator(tok, 24)([ds[i] for i in range(B)])
+    L = int(b["attention_mask"].sum(1).max())
+    ids, am = b["input_ids"][:, :L], b["attention_mask"][:, :L]
+    mids, labels = mask_tokens(ids, tok, generator=torch.Generator().manual_seed(0))
+    labels[0, 1] = ids[0, 1]
+    return dict(image=b["image"], input_ids=ids, attention_mask=am, mlm_input_ids=mids, mlm_labels=labels,
+                word_candidates=candidate_word_mask(mids, am, tok))
+
+
+def small(tok, **kw):
+    return model_preset("tiny", vocab_size=len(tok), vision_depth=1, queue_size=16, **kw)
+
+
+def rig_itm_head(model, match_logit: float):
+    """ITM logits ``[0, match_logit]`` for every pair: match probability sigmoid(match_logit)."""
+    with torch.no_grad():
+        model.itm_head.weight.zero_()
+        model.itm_head.bias.copy_(torch.tensor([0.0, match_logit]))
+
+
+@pytest.mark.parametrize("negatives", [True, False])
+def test_softmask_branch_label_ratio(tok, batch, negatives):
+    """With a constant ITM head (match probability p for every pair), loss_softmask is the cross-entropy
+    of its labels: 1 positive per 2 negatives when dimmed images enter negative pairs as well (the
+    dimming carries no label information), all positives otherwise."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, softmask_negatives=negatives))
+    b = 0.7
+    rig_itm_head(model, b)
+    torch.manual_seed(1)
+    out = model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
+                mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=0.4)
+    nll_pos, nll_neg = -F.logsigmoid(torch.tensor(b)), -F.logsigmoid(torch.tensor(-b))
+    expect = (nll_pos + 2 * nll_neg) / 3 if negatives else nll_pos
+    assert float(out["loss_softmask"].detach()) == pytest.approx(float(expect), rel=1e-5)
+    assert float(out["loss_itm"].detach()) == pytest.approx(float((nll_pos + 2 * nll_neg) / 3), rel=1e-5)
+
+
+def test_softmask_negatives_pair_dimmed_images_with_wrong_captions(tok, batch, monkeypatch):
+    """The soft-masked fusion pass sees (caption i, dimmed i) as positives, and as negatives the dimmed
+    hard-negative image with caption i and the dimmed image i with its hard-negative caption."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok))
+    calls = []
+    real = model.itm_logits
+
+    def spy(text_embeds, attention_mask, image_embeds, capture_layer=None):
+        calls.append((text_embeds.detach().clone(), image_embeds.detach().clone()))
+        return real(text_embeds, attention_mask, image_embeds, capture_layer)
+
+    monkeypatch.setattr(model, "itm_logits", spy)
+    torch.manual_seed(1)
+    model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
+          mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=0.0)
+    (t_pos, i_pos), (t_neg, i_neg), (t_sm, i_sm) = calls  # positives (Grad-CAM pass), negatives, soft-masked
+    assert t_sm.shape[0] == 3 * B and i_sm.shape[0] == 3 * B
+    assert torch.equal(t_sm[:B], t_pos) and torch.equal(t_sm[B : 2 * B], t_pos)
+    assert torch.equal(t_sm[2 * B :], t_neg[B:])  # hard-negative captions of the clean negatives
+    masked = i_sm[:B]
+    assert not torch.equal(masked, i_pos)  # dimmed
+    assert torch.equal(i_sm[2 * B :], masked)
+    # the hard-negative images of the clean pass, dimmed: find each one's index among the clean images
+    neg_idx = [int((i_neg[j] - i_pos).abs().flatten(1).sum(1).argmin()) for j in range(B)]
+    assert torch.equal(i_sm[B : 2 * B], masked[neg_idx])
+    # the mask is a per-token scale of the clean embeddings, [CLS] untouched
+    scale = masked[:, 1:, 0] / i_pos[:, 1:, 0]
+    assert torch.allclose(masked[:, 1:], i_pos[:, 1:] * scale[..., None], rtol=1e-4, atol=1e-6)
+    assert torch.equal(masked[:, 0], i_pos[:, 0])
+
+
+def test_itm_probe_values_and_hard_negatives(tok):
+    """The probe's four means are the ITM match probabilities of the pairs it names: with a constant head
+    every mean is sigmoid(b); the hard negatives never share the positive's caption."""
+    from softmask.eval import evaluate as ev
+
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok)).eval()
+    rig_itm_head(model, -1.3)
+    ds = build_dataset("shapes", "test", 64, train=False, size=10, seed=0)
+    b = Collator(tok, 32)([ds[i] for i in range(10)])
+    with torch.no_grad():
+        ie, ifeat = model.encode_image(b["image"])
+        _, tfeat = model.encode_text(b["input_ids"], b["attention_mask"])
+    sims = ifeat @ tfeat.t()
+    res = ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"])
+    p = 1 / (1 + math.exp(1.3))
+    for k in ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked"):
+        assert res[k] == pytest.approx(p, rel=1e-5), k
+    assert res["itm_probe_pairs"] == {"positives": 10, "hard_negatives": 20}
+
+
+def test_itm_probe_separates_what_the_head_separates(tok, monkeypatch):
+    """A head that says 'match' exactly for the true pairs gives probe positives ~1 and negatives ~0."""
+    from softmask.eval import evaluate as ev
+
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok)).eval()
+    ds = build_dataset("shapes", "test", 64, train=False, size=8, seed=0)
+    b = Collator(tok, 32)([ds[i] for i in range(8)])
+    with torch.no_grad():
+        ie, ifeat = model.encode_image(b["image"])
+        _, tfeat = model.encode_text(b["input_ids"], b["attention_mask"])
+    # identify each image by its [CLS] token and each text by its ids: the fake ITM head matches them
+    img_key = {tuple(ie[i, 0, :4].tolist()): i for i in range(8)}
+    txt_key = {tuple(b["input_ids"][i].tolist()): i for i in range(8)}
+    ids_seen = []
+
+    def fake_itm(text_embeds, attention_mask, image_embeds, capture_layer=None):
+        n = text_embeds.shape[0]
+        ti = ids_seen.pop(0)
+        ii = [img_key.get(tuple(image_embeds[j, 0, :4].tolist()), -1) for j in range(n)]
+        logit = torch.tensor([10.0 if (a == c and a >= 0) else -10.0 for a, c in zip(ii, ti)])
+        return torch.stack([torch.zeros(n), logit], 1), None, None
+
+    real_encode = model.encode_text
+
+    def spy_encode(ids, mask):
+        L = ids.shape[1]
+        ids_seen.append([txt_key.get(tuple(F.pad(r, (0, b["input_ids"].shape[1] - L)).tolist()), -2) for r in ids])
+        return real_encode(ids, mask)
+
+    monkeypatch.setattr(model, "encode_text", spy_encode)
+    monkeypatch.setattr(model, "itm_logits", fake_itm)
+    sims = ifeat @ tfeat.t()
+    pos = ev._itm_match_prob(model, ie, b["input_ids"], b["attention_mask"], torch.arange(8), torch.arange(8))
+    neg = ev._itm_match_prob(model, ie, b["input_ids"], b["attention_mask"], torch.arange(8), (torch.arange(8) + 1) % 8)
+    assert bool((pos > 0.99).all()) and bool((neg < 0.01).all())
+    del sims
+
+
+def test_registers_are_dropped_from_the_image_tokens(tok):
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, vision_registers=3)).eval()
+    img = torch.randn(2, 3, 64, 64)
+    full = model.visual_encoder.forward_features(img)  # (2, 1 + 3 + 64, D)
+    assert full.shape[1] == 1 + 3 + 64
+    embeds, feat = model.encode_image(img)
+    assert embeds.shape == (2, 65, model.cfg.vision_width)
+    assert torch.equal(embeds[:, 0], full[:, 0]) and torch.equal(embeds[:, 1:], full[:, 4:])
+    assert torch.allclose(feat, F.normalize(model.vision_proj(full[:, 0]), dim=-1))
+
+
+def test_conv_stem_shapes_and_errors(tok):
+    vit = build_vision_encoder(small(tok, vision_stem="conv"))
+    convs = [m for m in vit.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(c.stride == (2, 2) for c in convs)  # 8 = 2^3
+    assert vit.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 65, 128)
+    with pytest.raises(ValueError, match="power of 2"):
+        build_vision_encoder(model_preset("tiny", vocab_size=len(tok), image_size=60, patch_size=6,
+                                          vision_stem="conv"))
+    with pytest.raises(ValueError, match="vision_stem"):
+        model_preset("tiny", vision_stem="resnet")
+    with pytest.raises(ValueError, match="vision_registers"):
+        model_preset("tiny", vision_registers=-1)
+
+
+def test_pointing_game_is_logged_during_training(tmp_path):
+    from softmask.eval.plots import plot_loss_curves
+    from softmask.train.loop import TrainConfig, train
+
+    out = str(tmp_path / "run")
+    torch.set_num_threads(1)
+    train(TrainConfig(steps=4, out=out, batch_size=4, train_size=16, log_every=3, save_every=4, progress=False,
+                      run_eval=False, warmup_steps=1, queue_size=8, pointing_every=2, pointing_size=4))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    pointing = [r["step"] for r in rows if "pointing_game" in r]
+    assert pointing == [0, 2, 4]  # before the first step, then every 2 steps
+    assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4]  # step 2 logged for the pointing game
+    for r in rows:
+        if "pointing_game" in r:
+            assert 0.0 <= r["pointing_game"] <= 100.0 and 0.0 <= r["pointing_game_color"] <= 100.0
+    png = plot_loss_curves(os.path.join(out, "metrics.jsonl"), str(tmp_path / "curves.png"))
+    assert os.path.getsize(png) > 0
+    with pytest.raises(ValueError, match="pointing_every"):
+        TrainConfig(pointing_every=-1)
+
+
+def test_pointing_subset_matches_full_evaluation(tok):
+    """The training-time pointing game is the evaluation's pointing game on the same items."""
+    from softmask.eval.evaluate import evaluate, pointing_subset
+
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok))
+    ds = build_dataset("shapes", "test", 64, train=False, size=6, seed=0)
+    a = pointing_subset(model, tok, ds)
+    full = evaluate(model, tok, ds, k=2, probe=False)
+    assert a["pointing_game"] == full["pointing_game"] and a["pointing_game_color"] == full["pointing_game_color"]
+    assert model.training  # mode restored
+
+
+def test_plot_soft_masks(tmp_path):
+    from softmask.eval.plots import plot_soft_masks
+
+    imgs = torch.rand(2, 3, 16, 16)
+    masks = torch.rand(2, 4, 4)
+    png = plot_soft_masks(imgs, ["a red circle", "a blue square"], ["red", "square"], masks, str(tmp_path / "m.png"))
+    assert os.path.getsize(png) > 0
+    with pytest.raises(ValueError, match="masks"):
+        plot_soft_masks(imgs, ["a", "b"], ["a", "b"], torch.rand(3, 4, 4), str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="captions, words"):
+        plot_soft_masks(imgs, ["a"], ["a", "b"], masks, str(tmp_path / "x.png"))
+
+
+def test_ablation_table_mean_and_std(tmp_path):
+    from benchmarks import ablation
+
+    rows = []
+    for seed, tr in ((0, 10.0), (1, 20.0), (2, 30.0)):
+        rows.append({"config": "full", "seed": seed, **{k: tr for k in ablation.METRICS}})
+    rows.append({"config": "albef", "seed": 0, **{k: 5.0 for k in ablation.METRICS}})
+    with open(tmp_path / "ablation.json", "w") as f:
+        json.dump(rows, f)
+    table = ablation.render(str(tmp_path))
+    full = next(line for line in table.splitlines() if line.startswith("| full"))
+    assert "| 3 |" in full and "20.0 ± 10.0" in full  # mean 20, sample std 10
+    assert "| albef | 1 | 5.0 |" in table
+    assert (tmp_path / "README.md").exists() and (tmp_path / "ablation.png").exists()
