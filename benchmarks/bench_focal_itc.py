@@ -1,11 +1,24 @@
 """Focal ITC loss: fused vs eager (softmask.reference) vs torch.compile(reference)
-vs a peer library, forward / backward / forward+backward.
+vs a peer library, forward / backward / forward+backward, plus the device's copy
+bandwidth over the fused op's key-bank bytes.
 
     python -m pytest benchmarks/bench_focal_itc.py --benchmark-json=bench_results/<device>/focal_itc.json
 
 FLOPs counted (the useful work, the same for every provider): forward 2*B*N*D per
 direction (logits) plus 2*B*N*D per direction for the momentum logits; backward
 2*B*N*D per direction (dQ), plus 2*B*N*D per direction for the keys in CLIP mode.
+
+Bytes counted (``extra_info["bytes"]``, the same for every provider, so ``gbps`` is the
+rate at which the fused design's unavoidable traffic went by): each key bank read once
+per sweep of the fused kernels (two sweeps with momentum targets, one without; CLIP
+mode's key gradient reads both sides once more in the backward), the features read once
+per sweep, dQ written once in float32; the backward reads dQ and writes the gradients.
+The ``copy`` provider times ``dst.copy_(src)`` over as many bytes: its ``gbps`` is the
+ceiling to hold ``fused`` against.
+
+ALBEF shapes pass the key banks as ``(feat_m, queue)`` parts, as the model does; the
+eager and compile providers then concatenate them inside the timed call (what the
+model did with ``torch.cat`` before the op took parts).
 """
 
 from __future__ import annotations
@@ -23,27 +36,53 @@ from softmask import reference
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-# name: (B, queue, D, gamma, alpha, clip, dtype, gpu_only)
+# name: (B, queue, D, gamma, alpha, clip, dtypes, gpu_only)
 SHAPES = {
-    "cpu_small": (256, 4096, 256, 2.0, 0.4, False, torch.float32, False),
-    "cpu_goal": (1024, 65536, 256, 2.0, 0.4, False, torch.float32, False),
-    "cpu_clip": (2048, 0, 256, 0.0, 0.0, True, torch.float32, False),
-    "albef": (512, 65536, 256, 2.0, 0.4, False, torch.bfloat16, True),
-    "clip": (32768, 0, 512, 0.0, 0.0, True, torch.bfloat16, True),
+    "cpu_small": (256, 4096, 256, 2.0, 0.4, False, (torch.float32,), False),
+    "cpu_goal": (1024, 65536, 256, 2.0, 0.4, False, (torch.float32,), False),
+    "cpu_clip": (2048, 0, 256, 0.0, 0.0, True, (torch.float32,), False),
+    # ALBEF's per-GPU ITC: 64 local rows against [64 momentum features; 65,536 queue].
+    "albef_gpu": (64, 65536, 256, 2.0, 0.4, False, (torch.float32, torch.bfloat16), True),
+    "albef": (512, 65536, 256, 2.0, 0.4, False, (torch.bfloat16,), True),
+    "clip": (32768, 0, 512, 0.0, 0.0, True, (torch.bfloat16,), True),
 }
+CASES = [(shape, dtype) for shape, spec in SHAPES.items() for dtype in spec[6]]
+CASE_IDS = [f"{shape}-{str(dtype).replace('torch.', '')}" for shape, dtype in CASES]
 PROVIDERS = ["fused", "eager", "compile", "open_clip"]
 MODES = ["fwd", "bwd", "full"]
 
 
-def _inputs(B, queue, D, clip, dtype):
+def _inputs(B, queue, D, clip, dtype, parts):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     feat = lambda n: F.normalize(torch.randn(n, D, device=DEVICE, generator=g), dim=-1).to(dtype)  # noqa: E731
     img, txt = feat(B), feat(B)
     kw = {}
     if not clip:
-        kw = dict(text_keys=torch.cat([feat(B), feat(queue)]), image_keys=torch.cat([feat(B), feat(queue)]),
-                  image_feat_m=feat(B), text_feat_m=feat(B))
+        bank = (lambda: (feat(B), feat(queue))) if parts else (lambda: torch.cat([feat(B), feat(queue)]))
+        kw = dict(text_keys=bank(), image_keys=bank(), image_feat_m=feat(B), text_feat_m=feat(B))
     return img, txt, kw
+
+
+def _bytes(B, N, D, alpha, clip, dtype):
+    """Bytes the fused design must move, per mode (module docstring)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    sweeps = 2 if alpha > 0 else 1
+    feats = (2 if alpha > 0 else 1) * B * D * es  # Q (and Qm) per direction and sweep
+    fwd = 2 * sweeps * (N * D * es + feats) + 2 * B * D * 4 + 2 * B * 4
+    bwd = 2 * (B * D * 4 + B * D * es)  # read dQ, write the gradient, both directions
+    if clip:
+        bwd += 2 * 2 * B * D * es  # the key gradient reads both sides once more
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}
+
+
+def _skip(shape, mode):
+    gpu_only = SHAPES[shape][7]
+    if gpu_only and not CUDA:
+        pytest.skip("GPU shape")
+    if not gpu_only and CUDA and shape != "cpu_small":
+        pytest.skip("CPU-sized shape")
+    if shape == "cpu_goal" and mode != "full":
+        pytest.skip("the CPU goal is measured forward + backward")
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,17 +109,12 @@ def _loss_fn(provider, gamma, alpha, clip):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_focal_itc(benchmark, shape, provider, mode):
-    B, queue, D, gamma, alpha, clip, dtype, gpu_only = SHAPES[shape]
-    if gpu_only and not CUDA:
-        pytest.skip("GPU shape")
-    if not gpu_only and CUDA and shape != "cpu_small":
-        pytest.skip("CPU-sized shape")
-    if shape == "cpu_goal" and mode != "full":
-        pytest.skip("the CPU goal is measured forward + backward")
+@pytest.mark.parametrize("shape,dtype", CASES, ids=CASE_IDS)
+def test_focal_itc(benchmark, shape, dtype, provider, mode):
+    B, queue, D, gamma, alpha, clip, _, gpu_only = SHAPES[shape]
+    _skip(shape, mode)
     N = B if clip else B + queue
-    img, txt, kw = _inputs(B, queue, D, clip, dtype)
+    img, txt, kw = _inputs(B, queue, D, clip, dtype, parts=gpu_only and not clip)
     loss_fn = _loss_fn(provider, gamma, alpha, clip)
     tau = torch.tensor(0.07, device=DEVICE, requires_grad=True)
     leaves = lambda: (img.clone().requires_grad_(), txt.clone().requires_grad_())  # noqa: E731
@@ -111,5 +145,20 @@ def test_focal_itc(benchmark, shape, provider, mode):
     flops = {"fwd": 2 * per_dir_fwd, "bwd": 2 * per_dir_bwd, "full": 2 * (per_dir_fwd + per_dir_bwd)}[mode]
     rounds = 3 if shape == "cpu_goal" else 5
     record(benchmark, fn, op="focal_itc", provider=provider, mode=mode, shape=shape, dtype=dtype, device=DEVICE,
-           sizes=dict(B=B, N=N, D=D, gamma=gamma, alpha=alpha, clip=clip), flops=flops, rounds=rounds,
-           setup=setup)
+           sizes=dict(B=B, N=N, D=D, gamma=gamma, alpha=alpha, clip=clip, key_parts=2 if "text_keys" in kw
+                      and isinstance(kw["text_keys"], tuple) else 1),
+           flops=flops, bytes_moved=_bytes(B, N, D, alpha, clip, dtype)[mode], rounds=rounds, setup=setup)
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=CASE_IDS)
+def test_copy_bandwidth(benchmark, shape, dtype):
+    """The device's measured copy bandwidth over the bytes the fused forward + backward moves."""
+    B, queue, D, gamma, alpha, clip, _, _ = SHAPES[shape]
+    _skip(shape, "full")
+    N = B if clip else B + queue
+    nbytes = _bytes(B, N, D, alpha, clip, dtype)["full"]
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    record(benchmark, synced(lambda: dst.copy_(src), DEVICE), op="focal_itc", provider="copy", mode="full",
+           shape=shape, dtype=dtype, device=DEVICE, sizes=dict(B=B, N=N, D=D, gamma=gamma, alpha=alpha, clip=clip),
+           bytes_moved=2 * (nbytes // 2), rounds=10 if CUDA else 5)

@@ -41,26 +41,53 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
 
 
 def focal_itc_specs():
+    """Every tile configuration ``_tile_candidates`` can return (each dtype; BLOCK_D from
+    16 to ``MAX_D``) for each kernel of the op and each value of its structural flags."""
     from softmask.kernels import focal_itc as fk
 
+    i32 = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    key_strides = ("stride_k0n", "stride_k0d", "stride_k1n", "stride_k1d")
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        for D in (256, 512):
-            blocks, launch = fk._config(D, dtype)
-            flags = fk._flags(dtype)
-            ptr = "*" + TL_TYPES[dtype]
-            acc = "*fp64" if dtype == torch.float64 else "*fp32"
-            for has_targets in (True, False):
-                types = dict(Q=ptr, QM=ptr, K=ptr, TAU="*fp32", LOSS=acc, DQ=acc, DTAU=acc, STATS=acc)
-                types.update({n: "i32" for n in ("B", "N", "D", "stride_qb", "stride_qd", "stride_qmb",
-                                                 "stride_qmd", "stride_kn", "stride_kd", "stride_dqb", "stride_sb")})
-                types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo", "alpha_hi", "alpha_lo")})
-                yield (f"focal_itc_fwd {TL_TYPES[dtype]} D={D} targets={has_targets}", fk._focal_itc_fwd_kernel,
-                       types, dict(HAS_TARGETS=has_targets, **flags, **blocks), launch)
+        ptr = "*" + TL_TYPES[dtype]
+        acc = "*fp64" if dtype == torch.float64 else "*fp32"
+        flags = fk._flags(dtype)
+        block_ds = [1 << e for e in range(4, (fk.MAX_D - 1).bit_length() + 1)]  # 16 .. MAX_D
+        for D in block_ds:
+            for blocks, launch in fk._tile_candidates(D, dtype):
+                tile = f"{TL_TYPES[dtype]} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}"
+                for two in (False, True):
+                    for has_targets in (True, False):
+                        types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, PACC=acc)
+                        types.update(i32("B", "N", "N0", "D", "keys_per_split", "stride_qb", "stride_qd",
+                                         "stride_qmb", "stride_qmd", *key_strides, "stride_pstat", "stride_ps",
+                                         "stride_pas", "stride_pab"))
+                        yield (f"focal_itc_sweep1 {tile} targets={has_targets} parts={2 if two else 1}",
+                               fk._focal_itc_sweep1_kernel, types,
+                               dict(HAS_TARGETS=has_targets, TWO_PARTS=two, **flags, **blocks), launch)
+                    types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, P2STAT=acc, P2ACC=acc)
+                    types.update(i32("B", "N", "N0", "D", "keys_per_split", "n_splits", "stride_qb", "stride_qd",
+                                     "stride_qmb", "stride_qmd", *key_strides, "stride_pstat", "stride_ps",
+                                     "stride_pas", "stride_pab"))
+                    types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo", "alpha_hi", "alpha_lo")})
+                    yield (f"focal_itc_sweep2 {tile} parts={2 if two else 1}", fk._focal_itc_sweep2_kernel, types,
+                           dict(TWO_PARTS=two, **flags, **blocks), launch)
+            blocks, launch = fk._tile_candidates(D, dtype)[0]  # the key gradient's tile
             types = dict(Q=ptr, K=ptr, TAU="*fp32", STATS=acc, W=acc, W_SCALE=acc, DK=acc)
-            types.update({n: "i32" for n in ("B", "N", "D", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
-                                             "stride_dkn", "stride_sb")})
-            yield (f"focal_itc_key_grad {TL_TYPES[dtype]} D={D}", fk._focal_itc_key_grad_kernel, types,
-                   dict(**flags, **blocks), launch)
+            types.update(i32("B", "N", "D", "rows_per_split", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
+                             "stride_dks", "stride_dkn", "stride_sb"))
+            yield (f"focal_itc_key_grad {TL_TYPES[dtype]} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}",
+                   fk._focal_itc_key_grad_kernel, types, dict(**flags, **blocks), launch)
+            cblocks, claunch = fk._combine_config(D)
+            for two in (False, True):
+                for has_targets in (True, False):
+                    types = dict(PSTAT=acc, PACC=acc, P2STAT=acc, P2ACC=acc, K0=ptr, K1=ptr, TAU="*fp32", LOSS=acc,
+                                 DQ=acc, DTAU=acc, STATS=acc)
+                    types.update(i32("B", "N0", "D", "n_splits", "stride_pstat", "stride_ps", "stride_pas",
+                                     "stride_pab", *key_strides, "stride_dqb", "stride_sb"))
+                    types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo")})
+                    yield (f"focal_itc_combine {TL_TYPES[dtype]} D={D} {cblocks['BLOCK_M']}x{cblocks['BLOCK_D']} "
+                           f"targets={has_targets} parts={2 if two else 1}", fk._focal_itc_combine_kernel, types,
+                           dict(HAS_TARGETS=has_targets, TWO_PARTS=two, ACC=flags["ACC"], **cblocks), claunch)
 
 
 SPECS = [focal_itc_specs]

@@ -119,17 +119,17 @@ def _load_tile(PTR, idx, offs_d, stride_r, stride_d, n_rows, D, DOT_FP32: tl.con
 def _load_keys(K0, K1, idx, offs_d, s0n, s0d, s1n, s1d, N0, n_valid, D,
                TWO_PARTS: tl.constexpr, DOT_FP32: tl.constexpr):
     """Rows ``idx`` of the key bank ``[part 0 (rows 0..N0-1); part 1 (rows N0..)]`` as a
-    (len(idx), BLOCK_D) tile, zero where ``idx >= n_valid`` or ``offs_d >= D``. A tile
-    that straddles ``N0`` takes each row from its own part (two masked loads, the same
-    bytes as one)."""
-    dmask = (offs_d < D)[None, :]
-    valid = idx < n_valid
-    m0 = (valid & (idx < N0))[:, None] & dmask
-    tile = tl.load(K0 + idx[:, None] * s0n + offs_d[None, :] * s0d, mask=m0, other=0.0)
+    (len(idx), BLOCK_D) tile, zero where ``idx >= n_valid`` or ``offs_d >= D``. Each row's
+    address is taken from its own part, then one masked load reads the tile (so a tile
+    that straddles ``N0`` costs the same bytes, and the load still feeds ``tl.dot``
+    directly, which lets the compiler pipeline it through shared memory)."""
+    mask = (idx < n_valid)[:, None] & (offs_d < D)[None, :]
+    ptrs = K0 + idx[:, None] * s0n + offs_d[None, :] * s0d
     if TWO_PARTS:
-        m1 = (valid & (idx >= N0))[:, None] & dmask
+        in1 = (idx >= N0)[:, None]
         i1 = tl.where(idx >= N0, idx - N0, 0)
-        tile = tl.where(m1, tl.load(K1 + i1[:, None] * s1n + offs_d[None, :] * s1d, mask=m1, other=0.0), tile)
+        ptrs = tl.where(in1, K1 + i1[:, None] * s1n + offs_d[None, :] * s1d, ptrs)
+    tile = tl.load(ptrs, mask=mask, other=0.0)
     if DOT_FP32:
         tile = tile.to(tl.float32)
     return tile
@@ -404,6 +404,12 @@ COMBINE_BLOCK_M = 16
 COMBINE_BLOCK_D = 32
 
 
+def _empty(*shape, device, dtype) -> torch.Tensor:
+    """Allocation of every buffer the kernels write (tests replace it with a NaN fill to
+    prove that every element is written)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -421,7 +427,9 @@ def _tile_candidates(D: int, dtype: torch.dtype):
         # Each interpreted program costs ~2.5 ms: few, large programs.
         return [(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), {})]
     if dtype in (torch.float16, torch.bfloat16) and block_d <= 256:
-        return [(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)),
+        # 64-row tiles spilled in both sweeps at D = 256 (ptxas: 72 / 244 bytes at 8 warps,
+        # more at 16 warps); 32 x 64 at 8 warps uses 174-178 registers, no spill.
+        return [(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)),
                 (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
     if dtype in (torch.float16, torch.bfloat16) or block_d <= 128:
         return [(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
@@ -524,11 +532,11 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
     blocks, launch, keys_per_split, n_splits = _plan(B, N, D, q.dtype, dev, splits)
     flags = _flags(q.dtype)
     # Partial buffers; every element is written by the sweeps (rows < B, d < D).
-    pstat = torch.empty(6 if has_targets else 4, n_splits, B, device=dev, dtype=acc)
-    pacc = torch.empty(n_splits, B, D, device=dev, dtype=acc)
+    pstat = _empty(6 if has_targets else 4, n_splits, B, device=dev, dtype=acc)
+    pacc = _empty(n_splits, B, D, device=dev, dtype=acc)
     if has_targets:
-        p2stat = torch.empty(3, n_splits, B, device=dev, dtype=acc)
-        p2acc = torch.empty(n_splits, B, D, device=dev, dtype=acc)
+        p2stat = _empty(3, n_splits, B, device=dev, dtype=acc)
+        p2acc = _empty(n_splits, B, D, device=dev, dtype=acc)
     else:
         p2stat, p2acc = pstat, pacc  # unused (HAS_TARGETS=False)
     key_args = (k0.stride(0), k0.stride(1), k1.stride(0), k1.stride(1))
@@ -549,10 +557,10 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
             *split_f32(gamma), *split_f32(alpha),
             TWO_PARTS=two_parts, **flags, **blocks, **launch,
         )
-    loss = torch.empty(B, device=dev, dtype=acc)
-    dtau = torch.empty(B, device=dev, dtype=acc)
-    dq = torch.empty(B, D, device=dev, dtype=acc)
-    stats = torch.empty(3, B, device=dev, dtype=acc)
+    loss = _empty(B, device=dev, dtype=acc)
+    dtau = _empty(B, device=dev, dtype=acc)
+    dq = _empty(B, D, device=dev, dtype=acc)
+    stats = _empty(3, B, device=dev, dtype=acc)
     cblocks, claunch = _combine_config(D)
     cgrid = (triton.cdiv(B, cblocks["BLOCK_M"]), triton.cdiv(D, cblocks["BLOCK_D"]))
     _focal_itc_combine_kernel[cgrid](
@@ -569,10 +577,11 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
 
 def _key_grad_plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device,
                    splits: Optional[int] = None):
-    """Tile of the forward's plan (CLIP mode: N = B) and the split of the query rows:
-    ``ceil(N / BLOCK_N) x SPLITS`` programs, aiming at ``PROGRAMS_PER_SM`` per SM, each
-    split at least one BLOCK_M tile of rows."""
-    blocks, launch, _, _ = _plan(B, N, D, dtype, device)
+    """The largest tile of :func:`_tile_candidates` (ptxas: the 16-row half-precision tile
+    spills in this kernel at D = 256, the 32-row one does not) and the split of the query
+    rows: ``ceil(N / BLOCK_N) x SPLITS`` programs, aiming at ``PROGRAMS_PER_SM`` per SM,
+    each split at least one BLOCK_M tile of rows."""
+    blocks, launch = _tile_candidates(D, dtype)[0]
     bm = blocks["BLOCK_M"]
     row_tiles = triton.cdiv(B, bm)
     if splits is not None:
@@ -595,7 +604,7 @@ def focal_itc_key_grad_triton(q, k, tau, stats, w, *, splits: Optional[int] = No
     w_scale = w.abs().amax().to(acc).clamp_min(torch.finfo(acc).tiny)
     w = (w.to(acc) / w_scale).contiguous()
     blocks, launch, rows_per_split, n_splits = _key_grad_plan(B, N, D, q.dtype, q.device, splits)
-    part = torch.empty(n_splits, N, D, device=q.device, dtype=acc)
+    part = _empty(n_splits, N, D, device=q.device, dtype=acc)
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), n_splits)
     _focal_itc_key_grad_kernel[grid](
         q, k, tau, stats, w, w_scale, part,
