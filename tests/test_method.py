@@ -242,3 +242,25 @@ def test_ablation_table_mean_and_std(tmp_path):
     assert "| 3 |" in full and "20.0 ± 10.0" in full  # mean 20, sample std 10
     assert "| albef | 1 | 5.0 |" in table
     assert (tmp_path / "README.md").exists() and (tmp_path / "ablation.png").exists()
+
+
+def test_model_passes_the_queue_without_a_copy(tok, batch, monkeypatch):
+    """ITC gets the key banks as (momentum features, queue buffer itself): no per-step clone or cat."""
+    import softmask as sm
+
+    seen = {}
+    real = sm.focal_itc_loss
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sm, "focal_itc_loss", spy)
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok))
+    torch.manual_seed(1)
+    model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
+          mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=0.4)
+    assert isinstance(seen["text_keys"], tuple) and seen["text_keys"][1] is model.text_queue
+    assert isinstance(seen["image_keys"], tuple) and seen["image_keys"][1] is model.image_queue
+    assert seen["text_keys"][0] is seen["text_feat_m"] and seen["image_keys"][0] is seen["image_feat_m"]

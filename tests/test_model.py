@@ -173,6 +173,9 @@ def test_softmask_off_and_gamma_zero(tok, batch, monkeypatch):
 
     def spy(image_feat, text_feat, temp, **kw):
         seen.update(image_feat=image_feat, text_feat=text_feat, temp=temp, **kw)
+        for name in ("text_keys", "image_keys"):  # the model passes (feat_m, queue): record the bank as it is now,
+            bank = kw[name]  # before the enqueue after the loss rewrites the queue in place
+            seen[name] = torch.cat(list(bank)) if isinstance(bank, (tuple, list)) else bank.clone()
         return real(image_feat, text_feat, temp, **kw)
 
     def no_soft_mask(*args, **kw):

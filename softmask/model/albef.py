@@ -3,8 +3,9 @@
 Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
 
 * ``loss_itc``: :func:`softmask.focal_itc_loss` of the online features against
-  ``[momentum features of the batch; queue]`` with momentum-distillation
-  targets (weight ``alpha``), focal exponent ``gamma``.
+  ``[momentum features of the batch; queue]`` (passed as the two parts, the queue
+  never copied) with momentum-distillation targets (weight ``alpha``), focal
+  exponent ``gamma``.
 * ``loss_itm``: cross-entropy of the ITM head over B positives, B (text, hard
   negative image) and B (image, hard negative text) pairs; negatives drawn from
   the softmax of the in-batch similarities, diagonal (and, by default, pairs with
@@ -13,8 +14,15 @@ Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
   positive ITM logits with respect to the Grad-CAM layer's attention output
   (``torch.autograd.grad``, parameter gradients untouched, attention dropout off
   on that layer); :func:`softmask.text_driven_soft_mask` dims the image tokens
-  most tied to the word; one more fusion pass of (caption, masked image),
-  labelled as a match.
+  most tied to the word. The dimmed images then enter ITM exactly as the clean
+  ones do (``softmask_negatives``, the default): (caption i, dimmed image i) is a
+  match, (caption i, dimmed hard-negative image) and (hard-negative caption,
+  dimmed image i) are not, so 1 positive per 2 negatives as in ``loss_itm``. The
+  paper leaves open which ITM pairs see soft-masked features; labelling every
+  dimmed image a match (``softmask_negatives=False``) makes the dimming itself
+  predict the label, and the model learned that shortcut (held-out: dimmed hard
+  negatives judged a match with probability 0.94, undimmed 0.06; see
+  docs/TRAINING_NOTES.md).
 * ``loss_mlm``: masked-token prediction (15 %, 80/10/10) from the fusion encoder.
 
 With ``text_aug`` (multi-modal augmentation) ITC and ITM see the masked
@@ -267,8 +275,10 @@ class SoftMaskALBEF(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
             text_embeds_m = self.text_encoder_m(text_ids, attention_mask)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]).float(), dim=-1)
-            image_keys = torch.cat([image_feat_m, self.image_queue.clone().float()], dim=0)  # (B + Q, E)
-            text_keys = torch.cat([text_feat_m, self.text_queue.clone().float()], dim=0)  # (B + Q, E)
+        # key banks [momentum features of the batch; queue] passed as parts: no per-step copy of the queue; the op
+        # keeps no part for its backward, so the enqueue below cannot change the gradients
+        image_keys = (image_feat_m, self.image_queue)  # (B + Q, E) logically
+        text_keys = (text_feat_m, self.text_queue)
         loss_itc = softmask.focal_itc_loss(
             image_feat, text_feat, self.temp, gamma=cfg.gamma, image_keys=image_keys, text_keys=text_keys,
             image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=float(alpha), backend=cfg.op_backend,
