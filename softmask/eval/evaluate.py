@@ -15,8 +15,15 @@
   when the peak patch centre lies in the object's box. ``pointing_game`` is the
   percentage of hits over shape words, ``pointing_game_color`` the same for the
   colour words, ``pointing_game_chance`` the hit rate of a uniformly random patch.
-* Pictures under ``plots/``: ``loss_curves.png`` (from ``metrics.jsonl``) and
-  ``gradcam_overlays.png`` (held-out images, one panel per caption word).
+* ITM shortcut probe (:func:`itm_probe`): ``itm_pos`` / ``itm_neg``, the mean ITM
+  match probability of the held-out positives and of their ITC-hardest negatives
+  (different caption), and ``itm_pos_masked`` / ``itm_neg_masked``, the same with every
+  image soft-masked as in training. A dimmed negative that looks more like a match than
+  an undimmed one means the model learned "dimmed means match".
+* Pictures under ``plots/``: ``loss_curves.png`` (from ``metrics.jsonl``, with the
+  pointing game logged during training), ``gradcam_overlays.png`` (held-out images, one
+  panel per caption word) and ``soft_masks.png`` (image, chosen word, soft mask, image
+  times mask).
 """
 
 from __future__ import annotations
