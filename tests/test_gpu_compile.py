@@ -14,9 +14,12 @@ from tests.helpers import ptxas_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [
-    "focal_itc_fwd bf16 D=256 targets=True",
-    "focal_itc_key_grad fp16 D=512",
+    # the focal ITC tiles of the albef / albef_gpu shapes: both sweeps, two key-bank parts, no spills
+    "focal_itc_sweep1 bf16 D=256 16x64 targets=True parts=2",
+    "focal_itc_sweep2 bf16 D=256 32x64 parts=2",
+    "focal_itc_combine fp32 D=256 16x32 targets=True parts=2",
 ]
+NO_SPILL = ("focal_itc_",)
 
 
 @pytest.mark.skipif(not ptxas_available(), reason="triton's ptxas is not installed")
@@ -29,3 +32,5 @@ def test_kernels_compile_for_sm90():
     for row in rows:
         assert row["ok"], row
         assert row["shared"] <= 227 * 1024, row  # sm_90's shared memory per block
+        if row["kernel"].startswith(NO_SPILL):
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
