@@ -217,9 +217,13 @@ def _env(copy_dir: str) -> dict:
     return env
 
 
-def _check_imports_copy(copy_dir: str) -> None:
-    out = subprocess.run([sys.executable, "-c", "import softmask, os; print(os.path.realpath(softmask.__file__))"],
-                         cwd=copy_dir, env=_env(copy_dir), capture_output=True, text=True, timeout=300)
+def _check_imports_copy(copy_dir: str, timeout: float) -> None:
+    try:
+        out = subprocess.run([sys.executable, "-c", "import softmask, os; print(os.path.realpath(softmask.__file__))"],
+                             cwd=copy_dir, env=_env(copy_dir), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"mutants: importing the copy took more than {timeout:.0f} s (a busy machine?); "
+                         f"nothing was checked") from None
     got = out.stdout.strip()
     want = os.path.realpath(os.path.join(copy_dir, "softmask", "__init__.py"))
     if got != want:
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
         pristine = os.path.join(tmp, "_pristine")
         os.makedirs(pristine)
         _copy_tree(pristine, a.rev)
-        _check_imports_copy(pristine)
+        _check_imports_copy(pristine, a.timeout)
         source = f"revision {a.rev}" if a.rev else f"working tree {ROOT}"
         print(f"mutants: {len(faults)} faults on a copy of the {source}", flush=True)
         if a.baseline:
