@@ -32,6 +32,10 @@ keys in L2. Each writes partial statistics to small buffers in the accumulation 
   ``dQ = (S sum p K - sum q g K) / tau`` (``S`` is a row scalar, so the product with the
   merged ``sum p K`` is exact), ``dL/dtau = -(S sum p z - sum q g z) / tau``. With
   one-hot targets only the positive term remains: ``S = g_ii`` and ``sum q g K = g_ii K_i``.
+  A Triton kernel rather than torch ops on the buffers: the merge as torch ops is ~10
+  launches per direction (max, exp, weighted sums, log, division, focal terms), a few
+  microseconds each, against a whole op predicted at ~60-90 us at ALBEF's per-GPU shape
+  (benchmarks/NOTES.md).
 
 A split holding only padding (possible when a split count is forced) stores
 ``m = -inf``, ``s = 0`` and zero accumulators: its weight ``exp(-inf - m)`` is 0.
