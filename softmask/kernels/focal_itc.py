@@ -437,7 +437,9 @@ def _tile_candidates(D: int, dtype: torch.dtype):
                 (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
     if dtype in (torch.float16, torch.bfloat16) or block_d <= 128:
         return [(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
-    return [(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=1))]
+    # 4- and 8-byte inputs at D > 128. fp32 D = 256, ptxas: 4 warps spilled 13-21 KB per
+    # thread in both sweeps; 8 warps leaves sweep 2 clean and sweep 1 (targets) at 668 B.
+    return [(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=8, num_stages=1))]
 
 
 def _combine_config(D: int):
