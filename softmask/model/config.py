@@ -4,7 +4,7 @@
 the method; :func:`model_preset` gives the two presets:
 
 ``tiny``
-    fits a 2-core CPU: timm ViT (64 px, patch 8, width 128, 4 blocks), BERT width
+    fits a 2-core CPU: timm ViT (64 px, patch 8, width 128, 4 blocks, 4 register tokens), BERT width
     128 with 2 text and 2 fusion layers, embed dim 128, queue 1024, no dropout
     (so that ``--impl fused`` and ``--impl reference`` consume the same random
     numbers and agree per step).
@@ -131,7 +131,8 @@ class ModelConfig:
 
 
 PRESETS = {
-    "tiny": dict(),
+    # 4 ViT registers: colour-word pointing 66.3 % against 55.2 % without (mean of 3 seeds, docs/TRAINING_NOTES.md H5)
+    "tiny": dict(vision_registers=4),
     "base": dict(
         image_size=256,
         patch_size=16,
