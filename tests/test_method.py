@@ -171,7 +171,8 @@ def test_conv_stem_shapes_and_errors(tok):
     vit = build_vision_encoder(small(tok, vision_stem="conv"))
     convs = [m for m in vit.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 3 and all(c.stride == (2, 2) for c in convs)  # 8 = 2^3
-    assert vit.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 65, 128)
+    R = vit.num_prefix_tokens - 1  # the tiny preset's registers
+    assert vit.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 1 + R + 64, 128)
     with pytest.raises(ValueError, match="power of 2"):
         build_vision_encoder(model_preset("tiny", vocab_size=len(tok), image_size=60, patch_size=6,
                                           vision_stem="conv"))

@@ -255,6 +255,7 @@ def test_load_local_pretrained(tok, tmp_path):
                             num_heads=cfg.vision_heads, num_classes=10)
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     model = SoftMaskALBEF(cfg)
+    reg_pos = model.visual_encoder.pos_embed[:, 1 : 1 + cfg.vision_registers].detach().clone()
     rep = load_pretrained(model, vit_checkpoint=str(tmp_path / "vit.safetensors"), bert_dir=str(tmp_path / "bert"))
     assert rep["bert_loaded"] > 0 and rep["vit_loaded"] > 0
     sd = bert.state_dict()
@@ -264,7 +265,12 @@ def test_load_local_pretrained(tok, tmp_path):
                                sd["bert.encoder.layer.1.output.dense.weight"])
     torch.testing.assert_close(model.visual_encoder.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(model.visual_encoder_m.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
-    assert model.visual_encoder.pos_embed.shape[1] == 1 + cfg.grid ** 2  # resampled from a 4x4 grid
+    R = cfg.vision_registers  # the checkpoint has no register tokens: they keep their init
+    pe = model.visual_encoder.pos_embed
+    assert pe.shape[1] == 1 + R + cfg.grid ** 2  # patches resampled from a 4x4 grid
+    torch.testing.assert_close(pe[:, 0], vit.pos_embed[:, 0])
+    torch.testing.assert_close(pe[:, 1 : 1 + R], reg_pos, rtol=0, atol=0)
+    assert rep["vit_not_in_checkpoint"] == (["reg_token"] if R else [])
     with pytest.raises(FileNotFoundError, match="local"):
         load_pretrained(model, vit_checkpoint=str(tmp_path / "missing.pth"))
     os.makedirs(tmp_path / "empty")

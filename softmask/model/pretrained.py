@@ -80,11 +80,19 @@ def load_pretrained(model, *, vit_checkpoint: Optional[str] = None, bert_dir: Op
             from timm.layers import resample_abs_pos_embed
 
             grid = vit.patch_embed.grid_size
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=1)
+            pe = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=1)  # (1, 1 + P, D)
+            R = vit.pos_embed.shape[1] - pe.shape[1]  # register tokens with a position embedding of their own
+            if R > 0:  # the checkpoint has none for them: they keep their init
+                pe = torch.cat([pe[:, :1], vit.pos_embed[:, 1 : 1 + R].detach().to(pe.dtype), pe[:, 1:]], dim=1)
+            state["pos_embed"] = pe
         missing, unexpected = vit.load_state_dict(state, strict=False)
+        # register tokens (ModelConfig.vision_registers) are not in ordinary ViT checkpoints: they keep their init
+        fresh = [k for k in missing if k == "reg_token"]
+        missing = [k for k in missing if k != "reg_token"]
         if missing:
             raise ValueError(f"vit_checkpoint {vit_checkpoint}: missing keys {missing[:8]}")
         report["vit_loaded"] = len(state) - len(unexpected)
+        report["vit_not_in_checkpoint"] = fresh
     if bert_dir:
         state = _bert_state(bert_dir)
         own = model.state_dict()
