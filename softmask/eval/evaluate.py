@@ -102,14 +102,8 @@ def retrieval_scores(model, img_embeds, img_feats, txt_ids, txt_masks, txt_feats
     k = min(k, sims.shape[0], sims.shape[1])
 
     def itm(img_idx, txt_idx):
-        out = []
-        for s in range(0, len(img_idx), batch_size):
-            ii, tt = img_idx[s : s + batch_size], txt_idx[s : s + batch_size]
-            ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
-            te, _ = model.encode_text(ids, mask)
-            logits, _, _ = model.itm_logits(te, mask, img_embeds[ii].to(device))
-            out.append(logits[:, 1].float().cpu())
-        return torch.cat(out)
+        return _pair_itm_logits(model, img_embeds, txt_ids, txt_masks, img_idx, txt_idx, batch_size=batch_size,
+                                device=device)[:, 1]
 
     i2t = torch.full_like(sims, -100.0)
     top = sims.topk(k, dim=1).indices  # (Ni, k)
@@ -213,9 +207,9 @@ def _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, out_png, 
 
 
 @torch.no_grad()
-def _itm_match_prob(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
-                    device="cpu") -> torch.Tensor:
-    """ITM match probability ``softmax(logits)[:, 1]`` of the pairs ``(text pair_text[i], image pair_image[i])``;
+def _pair_itm_logits(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
+                     device="cpu") -> torch.Tensor:
+    """ITM logits ``[n, 2]`` (float32, CPU) of the pairs ``(text pair_text[i], image pair_image[i])``, in batches;
     ``img_embeds`` may already be soft-masked."""
     out = []
     for s in range(0, len(pair_image), batch_size):
@@ -223,8 +217,16 @@ def _itm_match_prob(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text
         ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
         te, _ = model.encode_text(ids, mask)
         logits, _, _ = model.itm_logits(te, mask, img_embeds[ii].to(device))
-        out.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append(logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def _itm_match_prob(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
+                    device="cpu") -> torch.Tensor:
+    """ITM match probability ``softmax(logits)[:, 1]`` of the pairs (see :func:`_pair_itm_logits`)."""
+    logits = _pair_itm_logits(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, batch_size=batch_size,
+                              device=device)
+    return torch.softmax(logits, dim=-1)[:, 1]
 
 
 def soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, *, seed: int = 0, batch_size: int = 128,

@@ -101,6 +101,16 @@ def plot_loss_curves(metrics_jsonl_path: str, out_png: str) -> str:
     return out_png
 
 
+def _check_images(images) -> tuple[int, int]:
+    """``(n, S)`` of a non-empty ``Tensor[n, 3, S, S]``, or a ValueError naming ``images``."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a Tensor[n, 3, S, S] in [0, 1], got {got}")
+    if images.shape[0] == 0:
+        raise ValueError("images: expected at least one image, got n = 0")
+    return images.shape[0], images.shape[-1]
+
+
 def _save(fig, out_png: str, plt) -> None:
     d = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(d, exist_ok=True)
@@ -132,12 +142,7 @@ def plot_gradcam_overlays(
 
     Returns ``out_png``.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images: expected a Tensor[n, 3, S, S] in [0, 1], got {got}")
-    n, s = images.shape[0], images.shape[-1]
-    if n == 0:
-        raise ValueError("images: expected at least one image, got n = 0")
+    n, s = _check_images(images)
     if len(captions) != n or len(words) != n or len(cams) != n:
         raise ValueError(
             f"captions, words, cams: expected {n} entries each, got {len(captions)}, {len(words)}, {len(cams)}"
@@ -202,12 +207,7 @@ def plot_soft_masks(
 
     Returns ``out_png``.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images: expected a Tensor[n, 3, S, S] in [0, 1], got {got}")
-    n, s = images.shape[0], images.shape[-1]
-    if n == 0:
-        raise ValueError("images: expected at least one image, got n = 0")
+    n, s = _check_images(images)
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != n:
         got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
         raise ValueError(f"masks: expected a Tensor[{n}, g, g], got {got}")
