@@ -180,6 +180,8 @@ def test_conv_stem_shapes_and_errors(tok):
         model_preset("tiny", vision_stem="resnet")
     with pytest.raises(ValueError, match="vision_registers"):
         model_preset("tiny", vision_registers=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        model_preset("tiny", momentum=1.5)
 
 
 def test_pointing_game_is_logged_during_training(tmp_path):

@@ -103,6 +103,8 @@ class ModelConfig:
             raise ValueError(f"gamma: expected >= 0, got {self.gamma}")
         if not (0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha: expected a value in [0, 1], got {self.alpha}")
+        if not (0.0 <= self.momentum <= 1.0):
+            raise ValueError(f"momentum: expected a value in [0, 1], got {self.momentum}")
         if self.vision_stem not in ("patch", "conv"):
             raise ValueError(f"vision_stem: expected 'patch' or 'conv', got {self.vision_stem!r}")
         if self.vision_registers < 0:
