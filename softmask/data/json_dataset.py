@@ -5,10 +5,22 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
+
+__all__ = ["CaptionJsonDataset", "CaptionJsonError"]
+
+
+class CaptionJsonError(ValueError):
+    """A caption JSON file that is not a list of ``{"image", "caption"}`` entries. ``str(e)`` is
+    ``"<path>: <detail>"``; :attr:`path` and :attr:`detail` give the two parts."""
+
+    def __init__(self, path: str, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path, self.detail = path, detail
 
 
 class CaptionJsonDataset(torch.utils.data.Dataset):
@@ -28,14 +40,19 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
 
     Attributes:
         image_paths: list[str], resolved path of every distinct image (first-seen order).
+        image_names: list[str], the same images' paths as written in the JSON file.
         txt2img: list[int], image id of every item (caption).
         img2txt: list[list[int]], item indices of every image, for retrieval metrics.
         num_skipped: int, items returned as None so far in this process.
 
+    :meth:`drop_missing` removes the images that are not files (before training, so
+    that a wrong ``image_root`` is noticed at once) and :meth:`subset` keeps some
+    images; :meth:`entries` gives the JSON entries back (e.g. to write a split).
+
     Raises:
         FileNotFoundError: ``json_path`` does not exist.
-        ValueError: the file is not valid JSON or not a list of such entries (the
-            message names the file and the entry index).
+        CaptionJsonError (a ValueError): the file is not valid JSON or not a list of such
+            entries (the message names the file and the entry index).
     """
 
     def __init__(self, json_path: str, image_root: Optional[str] = None, transform=None):
@@ -46,36 +63,46 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
             with open(json_path, encoding="utf-8") as f:
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{json_path}: not valid JSON: {e}") from e
+            raise CaptionJsonError(json_path, f"not valid JSON: {e}") from e
         if not isinstance(data, list):
-            raise ValueError(f"{json_path}: expected a JSON list of {{'image', 'caption'}} entries, got {type(data).__name__}")
+            raise CaptionJsonError(json_path, f"expected a JSON list of {{'image', 'caption'}} entries, got "
+                                              f"{type(data).__name__}")
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(json_path))
         self.json_path = json_path
         self.image_root = root
         self.transform = transform
         self.num_skipped = 0
         self.image_paths: list[str] = []
+        self.image_names: list[str] = []
         self.captions: list[str] = []
         self.txt2img: list[int] = []
         self.img2txt: list[list[int]] = []
         path_ids: dict[str, int] = {}
         for k, entry in enumerate(data):
-            where = f"{json_path}: entry {k}"
+            where = f"entry {k}"
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}: expected an object with 'image' and 'caption', got {type(entry).__name__}")
+                raise CaptionJsonError(json_path, f"{where}: expected an object with 'image' and 'caption', got "
+                                                  f"{type(entry).__name__}")
             image, caption = entry.get("image"), entry.get("caption")
+            if "image" not in entry:
+                raise CaptionJsonError(json_path, f"{where} has no 'image' (expected a non-empty string path)")
+            if "caption" not in entry:
+                raise CaptionJsonError(json_path, f"{where} has no 'caption' (expected a string or a non-empty "
+                                                  f"list of strings)")
             if not isinstance(image, str) or not image:
-                raise ValueError(f"{where}: 'image' must be a non-empty string path, got {image!r}")
+                raise CaptionJsonError(json_path, f"{where}: 'image' must be a non-empty string path, got {image!r}")
             if isinstance(caption, str):
                 caps = [caption]
             elif isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
                 caps = caption
             else:
-                raise ValueError(f"{where}: 'caption' must be a string or a non-empty list of strings, got {caption!r}")
+                raise CaptionJsonError(json_path, f"{where}: 'caption' must be a string or a non-empty list of "
+                                                  f"strings, got {caption!r}")
             path = image if os.path.isabs(image) else os.path.join(root, image)
             if path not in path_ids:
                 path_ids[path] = len(self.image_paths)
                 self.image_paths.append(path)
+                self.image_names.append(image)
                 self.img2txt.append([])
             img_id = path_ids[path]
             for c in caps:
@@ -85,6 +112,46 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def subset(self, image_ids: Iterable[int]) -> "CaptionJsonDataset":
+        """A new data set with only the images ``image_ids`` (in that order) and all their captions;
+        ids, ``txt2img`` and ``img2txt`` are renumbered. The transform is shared."""
+        new = object.__new__(type(self))
+        new.json_path, new.image_root, new.transform, new.num_skipped = (self.json_path, self.image_root,
+                                                                         self.transform, 0)
+        new.image_paths, new.image_names, new.captions, new.txt2img, new.img2txt = [], [], [], [], []
+        for i in image_ids:
+            new.image_paths.append(self.image_paths[i])
+            new.image_names.append(self.image_names[i])
+            new.img2txt.append([])
+            for t in self.img2txt[i]:
+                new.img2txt[-1].append(len(new.captions))
+                new.captions.append(self.captions[t])
+                new.txt2img.append(len(new.image_paths) - 1)
+        return new
+
+    def drop_missing(self, *, open_images: bool = False) -> tuple["CaptionJsonDataset", list[str]]:
+        """``(kept, dropped_paths)``: a data set without the images that are not files (``open_images``:
+        nor files PIL cannot identify from their header; the full decode still happens, and can still
+        fail, in ``ds[i]``), and the resolved paths of the dropped images."""
+        keep, dropped = [], []
+        for i, path in enumerate(self.image_paths):
+            ok = os.path.isfile(path)
+            if ok and open_images:
+                try:
+                    with Image.open(path):
+                        pass
+                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+                    ok = False
+            (keep if ok else dropped).append(i if ok else path)
+        return self.subset(keep), dropped
+
+    def entries(self, absolute: bool = False) -> list[dict]:
+        """The data set as caption-JSON entries, one per image: ``{"image": name, "caption": [str, ...]}``
+        (``absolute``: the resolved paths, so that the file can live anywhere)."""
+        names = self.image_paths if absolute else self.image_names
+        return [{"image": os.path.abspath(names[i]) if absolute else names[i],
+                 "caption": [self.captions[t] for t in self.img2txt[i]]} for i in range(len(self.image_paths))]
 
     def __getitem__(self, index: int) -> Optional[dict]:
         index = int(index)

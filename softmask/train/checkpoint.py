@@ -3,7 +3,11 @@
 A checkpoint directory holds ``model.safetensors`` (every parameter and buffer of
 the model: online and momentum weights, temperature, queues and queue pointer),
 ``train_state.pt`` (optimizer, scheduler, step, data cursor, RNG states) and
-``config.json``. It is written under a temporary name, flushed, then renamed (or
+``config.json``. ``train_state.pt`` holds only tensors and plain containers (the
+NumPy RNG state is stored as a tensor), and :func:`load_train_state` reads it with
+``torch.load(..., weights_only=True)``: a file that holds any other Python object
+(which unpickling could run as code) is refused, and a truncated or corrupt
+checkpoint file raises :class:`CheckpointError`. It is written under a temporary name, flushed, then renamed (or
 swapped with an existing directory of the same step); ``latest`` is replaced
 atomically afterwards. A kill at any moment leaves every ``step_*`` directory
 complete and ``latest`` naming a complete one (see :func:`save_checkpoint` for the
@@ -18,9 +22,11 @@ import ctypes
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -28,22 +34,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_model_weights", "load_train_state", "rng_state",
-           "set_rng_state", "remove_stale", "holds_run", "NoCheckpointError"]
+           "set_rng_state", "remove_stale", "holds_run", "NoCheckpointError", "CheckpointError",
+           "load_checkpoint_config"]
 
 CKPT_DIR = "checkpoints"
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The global RNG states (torch, Python, NumPy, CUDA) as tensors and plain containers only, so that
+    ``torch.load(..., weights_only=True)`` reads them back: NumPy's MT19937 key array is stored as an
+    int64 tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (or the NumPy state as NumPy's own tuple, as checkpoints
+    written before the RNG state held only tensors stored it)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -240,14 +256,109 @@ def holds_run(path: str) -> bool:
     return os.path.isdir(root) and bool(os.listdir(root))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded: truncated, corrupt, altered, or holding Python
+    objects that unpickling would have to construct (refused: that can run code)."""
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first sentence of the message`` (torch's zip errors go on for several sentences)."""
+    msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: str) -> None:
-    state = load_file(os.path.join(ckpt, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load ``<ckpt>/model.safetensors`` into ``model`` (every key must match).
+
+    Raises:
+        CheckpointError: the file is truncated or corrupt, or its tensors do not fit the model.
+    """
+    path = os.path.join(ckpt, "model.safetensors")
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise CheckpointError(f"checkpoint {path}: cannot be read, the file is truncated or corrupt "
+                              f"({_first_line(e)})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: tensors do not fit the model ({_first_line(e)})") from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
 
 
+def _legacy_numpy_globals() -> list:
+    """What a NumPy RNG state array needs to be unpickled: ``ndarray``, ``dtype`` and the array
+    reconstructor (``numpy.core`` or ``numpy._core``, whichever this NumPy has). Checkpoints written
+    before the RNG state held only tensors stored ``np.random.get_state()`` as it is."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    extra = [type(np.dtype(np.uint32))] if type(np.dtype(np.uint32)) is not np.dtype else []
+    return [reconstruct, np.ndarray, np.dtype, *extra]
+
+
+def _check_train_state(state, path: str) -> dict:
+    def bad(what):
+        return CheckpointError(f"checkpoint {path}: {what}; the file was altered or does not come from softmask")
+
+    if not isinstance(state, dict):
+        raise bad(f"expected a dict of training state, got {type(state).__name__}")
+    missing = [k for k in ("step", "cursor", "optimizer", "scheduler", "rng") if k not in state]
+    if missing:
+        raise bad(f"missing entries {missing}")
+    for key in ("step", "cursor"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+            raise bad(f"'{key}' must be a non-negative int, got {state[key]!r}")
+    for key in ("optimizer", "scheduler", "rng"):
+        if not isinstance(state[key], dict):
+            raise bad(f"'{key}' must be a dict, got {type(state[key]).__name__}")
+    return state
+
+
 def load_train_state(ckpt: str) -> dict:
-    return torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+    """``<ckpt>/train_state.pt`` (step, cursor, optimizer, scheduler, RNG states), read with
+    ``torch.load(weights_only=True)``: only tensors and plain containers (plus the three NumPy globals of
+    the RNG state of older checkpoints) can be unpickled, so a file that would run code is refused.
+
+    Raises:
+        CheckpointError: refused (it holds other Python objects), truncated or corrupt, or not a training
+            state (entries missing or of the wrong type).
+    """
+    path = os.path.join(ckpt, "train_state.pt")
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "Unpickler" in ln),
+                   _first_line(e))
+        why = why.split("WeightsUnpickler error: ")[-1].split(" was not an allowed global")[0]
+        raise CheckpointError(
+            f"checkpoint {path}: refused, it holds Python objects that loading would have to construct, which can "
+            f"run code ({why}); softmask writes only tensors and plain containers there, so this file was altered "
+            f"or comes from elsewhere") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.PickleError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot be read, the file is truncated or corrupt "
+                              f"({_first_line(e)})") from None
+    return _check_train_state(state, path)
+
+
+def load_checkpoint_config(ckpt: str) -> dict:
+    """``<ckpt>/config.json`` (``{"train": ..., "model": ..., ...}``).
+
+    Raises:
+        CheckpointError: not valid JSON, or not an object with a ``"train"`` object.
+    """
+    path = os.path.join(ckpt, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict):
+        raise CheckpointError(f"checkpoint {path}: expected an object with a 'train' object (the run's settings)")
+    return cfg
