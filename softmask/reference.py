@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "EMPTY_ID",
     "focal_itc_loss_reference",
     "focal_itc_rows_reference",
+    "positive_targets_reference",
     "word_gradcam_reference",
     "word_gradcam_from_probs_reference",
     "soft_mask_from_cam_reference",
@@ -31,9 +33,24 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Id of an empty key slot (ALBEF's ``idx_queue`` starts filled with it): it matches no
+# row id, not even a row id of -100.
+EMPTY_ID = -100
+
+
 def _key_bank(keys) -> torch.Tensor:
     """A key bank given as a tensor or a sequence of parts, as one [N, D] tensor."""
     return keys if isinstance(keys, torch.Tensor) else torch.cat(list(keys), dim=0)
+
+
+def positive_targets_reference(ids: torch.Tensor, key_ids, dtype: torch.dtype) -> torch.Tensor:
+    """ALBEF's ``sim_targets``, materialized ``[B, N]``: ``pos_idx = ids[:, None] ==
+    key_ids[None, :]`` (key ids of :data:`EMPTY_ID` excluded), ``pos_idx / pos_idx.sum(1)``;
+    a row with no positive key gets a zero row (``0 / max(0, 1)``). ``key_ids`` may be a
+    sequence of parts, concatenated here."""
+    kid = key_ids if isinstance(key_ids, torch.Tensor) else torch.cat(list(key_ids), dim=0)
+    pos = (ids[:, None] == kid[None, :]) & (kid != EMPTY_ID)[None, :]  # (B, N)
+    return pos.to(dtype) / pos.sum(dim=1, keepdim=True).clamp_min(1).to(dtype)
 
 
 def focal_itc_rows_reference(
@@ -44,15 +61,19 @@ def focal_itc_rows_reference(
     gamma: float = 2.0,
     query_m: Optional[torch.Tensor] = None,
     alpha: float = 0.0,
+    ids: Optional[torch.Tensor] = None,
+    key_ids=None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Per-row focal contrastive loss of one direction, ``[B]``.
 
     ``z = query @ keys.T / t``, ``p = softmax(z)``, targets
     ``q = alpha * softmax(query_m @ keys.T / t) + (1 - alpha) * onehot`` (row i's
-    positive is key i), ``L_i = -sum_j q_ij (1 - p_ij)^gamma log p_ij``.
-    With ``upcast`` the math runs in float32 (float64 stays float64). ``keys`` may be a
-    sequence of [N_p, D] parts, concatenated here.
+    positive is key i), ``L_i = -sum_j q_ij (1 - p_ij)^gamma log p_ij``. With ``ids``
+    [B] and ``key_ids`` [N] the one-hot part is :func:`positive_targets_reference`
+    (uniform over the keys whose id equals the row's; zero for a row with none).
+    With ``upcast`` the math runs in float32 (float64 stays float64). ``keys`` (and
+    ``key_ids``) may be sequences of parts, concatenated here.
     """
     B = query.shape[0]
     keys = _key_bank(keys)
@@ -64,7 +85,10 @@ def focal_itc_rows_reference(
     # om**gamma finite at om == 0 for 0 < gamma < 1 (the exact limit of the loss
     # gradient there is 0, which the clamp's zero gradient gives).
     om = (-torch.expm1(logp)).clamp_min(torch.finfo(dt).tiny)
-    targets = F.one_hot(torch.arange(B, device=query.device), keys.shape[0]).to(dt)
+    if ids is None:
+        targets = F.one_hot(torch.arange(B, device=query.device), keys.shape[0]).to(dt)
+    else:
+        targets = positive_targets_reference(ids, key_ids, dt)
     if alpha > 0:
         with torch.no_grad():
             soft = torch.softmax(query_m.to(dt) @ k.t() / temperature, dim=1)
@@ -83,19 +107,24 @@ def focal_itc_loss_reference(
     image_feat_m: Optional[torch.Tensor] = None,
     text_feat_m: Optional[torch.Tensor] = None,
     alpha: float = 0.0,
+    ids: Optional[torch.Tensor] = None,
+    key_ids=None,
     reduction: str = "mean",
     upcast: bool = True,
 ) -> torch.Tensor:
     """Materialized focal ITC loss (both directions), same semantics as
-    :func:`softmask.focal_itc_loss` (key banks: tensors or sequences of parts, which are
-    concatenated). Builds the ``[B, N]`` logits."""
+    :func:`softmask.focal_itc_loss` (key banks and key ids: tensors or sequences of
+    parts, which are concatenated). Builds the ``[B, N]`` logits and, with ``ids``, the
+    ``[B, N]`` positive mask. ``key_ids`` serves both key banks; in CLIP mode the keys'
+    ids are ``ids``."""
     if text_keys is None and image_keys is None:  # CLIP mode: in-batch keys, gradient into both
         text_keys, image_keys = text_feat, image_feat
+        key_ids = ids
     rows = 0.5 * (
         focal_itc_rows_reference(image_feat, text_keys, temperature, gamma=gamma, query_m=image_feat_m,
-                                 alpha=alpha, upcast=upcast)
+                                 alpha=alpha, ids=ids, key_ids=key_ids, upcast=upcast)
         + focal_itc_rows_reference(text_feat, image_keys, temperature, gamma=gamma, query_m=text_feat_m,
-                                   alpha=alpha, upcast=upcast)
+                                   alpha=alpha, ids=ids, key_ids=key_ids, upcast=upcast)
     )
     if reduction == "mean":
         return rows.mean()

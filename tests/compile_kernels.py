@@ -9,6 +9,7 @@ Run without TRITON_INTERPRET (the interpreter replaces ``@triton.jit`` functions
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -47,6 +48,11 @@ def focal_itc_specs():
 
     i32 = lambda *names: {n: "i32" for n in names}  # noqa: E731
     key_strides = ("stride_k0n", "stride_k0d", "stride_k1n", "stride_k1d")
+    id_ptrs = dict(RID="*i64", KID0="*i64", KID1="*i64")
+    id_strides = ("stride_rid", "stride_kid0", "stride_kid1")
+    # Names of the configurations with ids carry " ids=True" before " parts=": the names
+    # without it are those of the configurations without ids (as before ids existed).
+    ids_tag = lambda ids: " ids=True" if ids else ""  # noqa: E731
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         ptr = "*" + TL_TYPES[dtype]
         acc = "*fp64" if dtype == torch.float64 else "*fp32"
@@ -55,39 +61,51 @@ def focal_itc_specs():
         for D in block_ds:
             for blocks, launch in fk._tile_candidates(D, dtype):
                 tile = f"{TL_TYPES[dtype]} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}"
-                for two in (False, True):
+                for two, ids in itertools.product((False, True), (False, True)):
                     for has_targets in (True, False):
-                        types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, PACC=acc)
+                        types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, PACC=acc, **id_ptrs)
                         types.update(i32("B", "N", "N0", "D", "keys_per_split", "stride_qb", "stride_qd",
-                                         "stride_qmb", "stride_qmd", *key_strides, "stride_pstat", "stride_ps",
-                                         "stride_pas", "stride_pab"))
-                        yield (f"focal_itc_sweep1 {tile} targets={has_targets} parts={2 if two else 1}",
+                                         "stride_qmb", "stride_qmd", *key_strides, *id_strides, "stride_pstat",
+                                         "stride_ps", "stride_pas", "stride_pab"))
+                        yield (f"focal_itc_sweep1 {tile} targets={has_targets}{ids_tag(ids)} parts={2 if two else 1}",
                                fk._focal_itc_sweep1_kernel, types,
-                               dict(HAS_TARGETS=has_targets, TWO_PARTS=two, **flags, **blocks), launch)
-                    types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, P2STAT=acc, P2ACC=acc)
+                               dict(HAS_TARGETS=has_targets, HAS_IDS=ids, TWO_PARTS=two, **flags, **blocks), launch)
+                    types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, P2STAT=acc, P2ACC=acc,
+                                 **id_ptrs)
                     types.update(i32("B", "N", "N0", "D", "keys_per_split", "n_splits", "stride_qb", "stride_qd",
-                                     "stride_qmb", "stride_qmd", *key_strides, "stride_pstat", "stride_ps",
-                                     "stride_pas", "stride_pab"))
+                                     "stride_qmb", "stride_qmd", *key_strides, *id_strides, "stride_pstat",
+                                     "stride_ps", "stride_pas", "stride_pab"))
                     types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo", "alpha_hi", "alpha_lo")})
-                    yield (f"focal_itc_sweep2 {tile} parts={2 if two else 1}", fk._focal_itc_sweep2_kernel, types,
-                           dict(TWO_PARTS=two, **flags, **blocks), launch)
+                    # Sweep 2 runs with momentum targets, with ids, or both.
+                    for momentum in ((True, False) if ids else (True,)):
+                        tag = ("" if momentum else " targets=False") + ids_tag(ids)
+                        yield (f"focal_itc_sweep2 {tile}{tag} parts={2 if two else 1}", fk._focal_itc_sweep2_kernel,
+                               types, dict(HAS_MOMENTUM=momentum, HAS_IDS=ids, TWO_PARTS=two, **flags, **blocks),
+                               launch)
             blocks, launch = fk._tile_candidates(D, dtype)[0]  # the key gradient's tile
-            types = dict(Q=ptr, K=ptr, TAU="*fp32", STATS=acc, W=acc, W_SCALE=acc, DK=acc)
-            types.update(i32("B", "N", "D", "rows_per_split", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
-                             "stride_dks", "stride_dkn", "stride_sb"))
-            yield (f"focal_itc_key_grad {TL_TYPES[dtype]} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}",
-                   fk._focal_itc_key_grad_kernel, types, dict(**flags, **blocks), launch)
+            for ids in (False, True):
+                types = dict(Q=ptr, K=ptr, TAU="*fp32", STATS=acc, W=acc, W_SCALE=acc, RID="*i64", KID="*i64",
+                             DK=acc)
+                types.update(i32("B", "N", "D", "rows_per_split", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
+                                 "stride_dks", "stride_dkn", "stride_sb", "stride_rid", "stride_kid"))
+                types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo")})
+                yield (f"focal_itc_key_grad {TL_TYPES[dtype]} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}"
+                       f"{ids_tag(ids)}", fk._focal_itc_key_grad_kernel, types, dict(HAS_IDS=ids, **flags, **blocks),
+                       launch)
             cblocks, claunch = fk._combine_config(D)
-            for two in (False, True):
-                for has_targets in (True, False):
+            for two, ids in itertools.product((False, True), (False, True)):
+                # The combine reads sweep 2's partials whenever sweep 2 ran (targets or ids).
+                for two_sweeps in ((True,) if ids else (True, False)):
                     types = dict(PSTAT=acc, PACC=acc, P2STAT=acc, P2ACC=acc, K0=ptr, K1=ptr, TAU="*fp32", LOSS=acc,
                                  DQ=acc, DTAU=acc, STATS=acc)
                     types.update(i32("B", "N0", "D", "n_splits", "stride_pstat", "stride_ps", "stride_pas",
                                      "stride_pab", *key_strides, "stride_dqb", "stride_sb"))
                     types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo")})
                     yield (f"focal_itc_combine {TL_TYPES[dtype]} D={D} {cblocks['BLOCK_M']}x{cblocks['BLOCK_D']} "
-                           f"targets={has_targets} parts={2 if two else 1}", fk._focal_itc_combine_kernel, types,
-                           dict(HAS_TARGETS=has_targets, TWO_PARTS=two, ACC=flags["ACC"], **cblocks), claunch)
+                           f"targets={two_sweeps}{ids_tag(ids)} parts={2 if two else 1}",
+                           fk._focal_itc_combine_kernel, types,
+                           dict(TWO_SWEEPS=two_sweeps, HAS_IDS=ids, TWO_PARTS=two, ACC=flags["ACC"], **cblocks),
+                           claunch)
 
 
 SPECS = [focal_itc_specs]

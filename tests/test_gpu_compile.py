@@ -18,6 +18,8 @@ CONFIGS = [
     "focal_itc_sweep1 bf16 D=256 16x64 targets=True parts=2",
     "focal_itc_sweep2 bf16 D=256 32x64 parts=2",
     "focal_itc_combine fp32 D=256 16x32 targets=True parts=2",
+    # positive ids (issue 12): sweep 2 with ids and momentum targets on the albef tile
+    "focal_itc_sweep2 bf16 D=256 32x64 ids=True parts=2",
 ]
 NO_SPILL = ("focal_itc_",)
 

@@ -12,20 +12,32 @@ The key bank is one tensor or two (``[part 0; part 1]``, e.g. ALBEF's momentum
 features of the batch and its queue): the kernels read both through two base
 pointers and the boundary row ``N0`` (:func:`_load_keys`), never a concatenated copy.
 
+Positive ids (ALBEF's retrieval fine-tuning): with row ids ``ids`` [B] and key ids
+``key_ids`` [N] (int64, in the same one or two parts as the keys), the one-hot part of
+the targets becomes ``(1 - alpha) * [key_ids_j == ids_i] / c_i`` with the positive count
+``c_i = sum_j [key_ids_j == ids_i]``, where a key id of :data:`EMPTY_ID` (an empty
+queue slot) matches nothing; a row with ``c_i = 0`` gets no one-hot part (divided by
+``max(c_i, 1)``). The match is compared per tile from the two id vectors (8 bytes per
+key per sweep), never stored as [B, N]. ``c_i`` is counted in sweep 1 (a partial per
+split, merged in sweep 2's prologue), so sweep 2 has the target of every key; with ids
+sweep 2 runs even without momentum targets (the one-hot shortcut of the combine holds
+for one positive at a known column only). ``dL/dz = p S - q g`` holds for any targets.
+
 Split over the keys (flash-decoding style). Programs run over (block of BLOCK_M
 rows) x (split of ``keys_per_split`` consecutive keys, a multiple of BLOCK_N), the row
 block varying fastest so that the programs of one split run together and share its
 keys in L2. Each writes partial statistics to small buffers in the accumulation dtype:
 
 * sweep 1 (every case), per split: running max ``m`` and rescaled sum ``s`` of
-  ``exp(z)``, ``sum e z``, the positive's logit ``z_ii`` (0 outside its split), and
-  with targets the max and sum of ``exp(zm)``: ``[6, SPLITS, B]``; the rescaled
-  ``sum_j e_j K_j``: ``[SPLITS, B, D]``.
-* sweep 2 (only with momentum targets), per split: each program first merges the
+  ``exp(z)``, ``sum e z``, the positive's logit ``z_ii`` (0 outside its split; not
+  tracked with ids), with targets the max and sum of ``exp(zm)``, with ids the positive
+  count: ``[4 / 6 / 7, SPLITS, B]``; the rescaled ``sum_j e_j K_j``: ``[SPLITS, B, D]``.
+* sweep 2 (with momentum targets or ids), per split: each program first merges the
   sweep-1 ``(m, s)`` of its rows over all splits into the global log-sum-exps of
-  ``z`` and ``zm`` (``SPLITS x BLOCK_M`` values: no separate launch between the sweeps),
-  then writes ``(loss, S, sum q g z)``: ``[3, SPLITS, B]``, and ``sum q g K``:
-  ``[SPLITS, B, D]``. These are plain sums over the keys, so they merge linearly.
+  ``z`` and ``zm`` (and sums the positive counts; ``SPLITS x BLOCK_M`` values: no
+  separate launch between the sweeps), then writes ``(loss, S, sum q g z)``:
+  ``[3, SPLITS, B]``, and ``sum q g K``: ``[SPLITS, B, D]``. These are plain sums over
+  the keys, so they merge linearly.
 * combine (one launch over rows x chunks of D): ``m = max_s m_s``,
   ``w_s = exp(m_s - m)``, ``lse = m + log(sum_s w_s s_s)``,
   ``sum p K = sum_s w_s (sum e K)_s / sum_s w_s s_s``; then
@@ -41,9 +53,11 @@ A split holding only padding (possible when a split count is forced) stores
 ``m = -inf``, ``s = 0`` and zero accumulators: its weight ``exp(-inf - m)`` is 0.
 Split 0 always holds key 0, so ``m`` is finite.
 
-The CLIP-mode key gradient ``dK_k = sum_i w_i (p_ik S_i - [i == k] g_ii) Q_i / tau``
-sums over the query rows, so its split is over the rows: programs over (block of keys)
-x (split of rows) write ``[SPLITS, N, D]`` partial sums that one ``sum(0)`` merges.
+The CLIP-mode key gradient ``dK_k = sum_i w_i (p_ik S_i - q_ik g_ik) Q_i / tau`` (one-hot
+targets: ``q_ik g_ik = [i == k] g_ii``; with ids ``[ids_i == ids_k] g_ik / c_i``, ``g``
+recomputed at the matched entries) sums over the query rows, so its split is over the
+rows: programs over (block of keys) x (split of rows) write ``[SPLITS, N, D]`` partial
+sums that one ``sum(0)`` merges.
 
 Work per direction: one-hot targets 2 matmuls of ``B*N*D`` MACs (z, e@K);
 momentum targets 6 (z, zm, e@K; z, zm, qg@K). Bytes: K read once per row block and
@@ -63,6 +77,10 @@ import triton.language as tl
 
 from softmask.kernels._util import split_f32
 from softmask.ops._common import interpreting
+from softmask.reference import EMPTY_ID
+
+# The id of an empty key slot inside the kernels (a compile-time constant).
+_EMPTY = tl.constexpr(EMPTY_ID)
 
 
 @triton.jit
@@ -140,6 +158,22 @@ def _load_keys(K0, K1, idx, offs_d, s0n, s0d, s1n, s1d, N0, n_valid, D,
 
 
 @triton.jit
+def _load_key_ids(KID0, KID1, idx, s0, s1, N0, n_valid, TWO_PARTS: tl.constexpr):
+    """Key ids of the bank rows ``idx`` (parts split at ``N0`` as the keys), :data:`EMPTY_ID`
+    where ``idx >= n_valid`` so that padding columns match no row."""
+    ptrs = KID0 + idx * s0
+    if TWO_PARTS:
+        ptrs = tl.where(idx >= N0, KID1 + tl.where(idx >= N0, idx - N0, 0) * s1, ptrs)
+    return tl.load(ptrs, mask=idx < n_valid, other=_EMPTY)
+
+
+@triton.jit
+def _id_match(rid, kid):
+    """``[kid_j == rid_i]`` as a (len(rid), len(kid)) mask; an empty key slot matches nothing."""
+    return (rid[:, None] == kid[None, :]) & (kid != _EMPTY)[None, :]
+
+
+@triton.jit
 def _merged_lse(PM, PS, rows, rmask, n_splits, stride_ps, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
     """``log(sum_s exp(m_s) s_s)`` over the splits' partial ``(m, s)`` of ``rows``:
     the global max first, so that an empty split (``m_s = -inf``) weighs exactly 0."""
@@ -155,15 +189,18 @@ def _merged_lse(PM, PS, rows, rmask, n_splits, stride_ps, ACC: tl.constexpr, BLO
 
 @triton.jit
 def _focal_itc_sweep1_kernel(
-    Q, QM, K0, K1, TAU, PSTAT, PACC,
+    Q, QM, K0, K1, TAU, RID, KID0, KID1, PSTAT, PACC,
     B, N, N0, D, keys_per_split,
     stride_qb, stride_qd, stride_qmb, stride_qmd, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
+    stride_rid, stride_kid0, stride_kid1,
     stride_pstat, stride_ps, stride_pas, stride_pab,
-    HAS_TARGETS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_IDS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial log-sum-exp of ``z`` (and ``zm``), ``sum e z``, ``z_ii`` and ``sum e K``
-    over one split of the keys, online-rescaled (flash-attention style)."""
+    """Partial log-sum-exp of ``z`` (and ``zm``), ``sum e z``, ``z_ii`` (or with ids the
+    positive count) and ``sum e K`` over one split of the keys, online-rescaled
+    (flash-attention style)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,6 +214,9 @@ def _focal_itc_sweep1_kernel(
         qm = _load_tile(QM, rows, offs_d, stride_qmb, stride_qmd, B, D, DOT_FP32)
         m_m = tl.full([BLOCK_M], float("-inf"), ACC)
         s_m = tl.zeros([BLOCK_M], ACC)
+    if HAS_IDS:
+        rid = tl.load(RID + rows * stride_rid, mask=rmask, other=_EMPTY)
+        cnt = tl.zeros([BLOCK_M], ACC)  # integers, exact in fp32 up to 2^24 keys
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     s_i = tl.zeros([BLOCK_M], ACC)
     pz_i = tl.zeros([BLOCK_M], ACC)
@@ -195,9 +235,13 @@ def _focal_itc_sweep1_kernel(
         e = tl.where(cmask[None, :], tl.exp(z - m_new[:, None]), 0.0)
         s_i = s_i * scale + tl.sum(e, 1)
         pz_i = pz_i * scale + tl.sum(e * z, 1)
-        # The positive's logit from the same tile as the max, so that a saturated row
-        # gives log p_ii == 0 exactly (a separate dot product could round differently).
-        z_ii += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), 1)
+        if HAS_IDS:
+            kid = _load_key_ids(KID0, KID1, cols, stride_kid0, stride_kid1, N0, hi, TWO_PARTS)
+            cnt += tl.sum(_id_match(rid, kid).to(ACC), 1)
+        else:
+            # The positive's logit from the same tile as the max, so that a saturated row
+            # gives log p_ii == 0 exactly (a separate dot product could round differently).
+            z_ii += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), 1)
         acc_pk = acc_pk * scale[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
         if HAS_TARGETS:
@@ -214,36 +258,49 @@ def _focal_itc_sweep1_kernel(
     if HAS_TARGETS:
         tl.store(pst + 4 * stride_pstat, m_m, mask=rmask)
         tl.store(pst + 5 * stride_pstat, s_m, mask=rmask)
+    if HAS_IDS:
+        tl.store(pst + 6 * stride_pstat, cnt, mask=rmask)
     tl.store(PACC + pid_s * stride_pas + rows[:, None] * stride_pab + offs_d[None, :], acc_pk,
              mask=rmask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
 def _focal_itc_sweep2_kernel(
-    Q, QM, K0, K1, TAU, PSTAT, P2STAT, P2ACC,
+    Q, QM, K0, K1, TAU, RID, KID0, KID1, PSTAT, P2STAT, P2ACC,
     B, N, N0, D, keys_per_split, n_splits,
     stride_qb, stride_qd, stride_qmb, stride_qmd, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
+    stride_rid, stride_kid0, stride_kid1,
     stride_pstat, stride_ps, stride_pas, stride_pab,
     gamma_hi, gamma_lo, alpha_hi, alpha_lo,
-    TWO_PARTS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, HAS_IDS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Momentum targets: partial loss, ``S``, ``sum q g z`` and ``sum q g K`` over one
-    split of the keys, with the global log-sum-exps merged from sweep 1's partials."""
+    """Momentum targets and/or positive ids: partial loss, ``S``, ``sum q g z`` and
+    ``sum q g K`` over one split of the keys, with the global log-sum-exps (and positive
+    counts) merged from sweep 1's partials."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q, rows, offs_d, stride_qb, stride_qd, B, D, DOT_FP32)
-    qm = _load_tile(QM, rows, offs_d, stride_qmb, stride_qmd, B, D, DOT_FP32)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
     # Float scalars reach kernels as fp32; hi + lo halves keep float64 inputs exact.
     gamma = tl.cast(gamma_hi, ACC) + tl.cast(gamma_lo, ACC)
     alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_lo, ACC)
     lse = _merged_lse(PSTAT, PSTAT + stride_pstat, rows, rmask, n_splits, stride_ps, ACC, BLOCK_M)
-    lse_m = _merged_lse(PSTAT + 4 * stride_pstat, PSTAT + 5 * stride_pstat, rows, rmask, n_splits, stride_ps,
-                        ACC, BLOCK_M)
+    if HAS_MOMENTUM:
+        qm = _load_tile(QM, rows, offs_d, stride_qmb, stride_qmd, B, D, DOT_FP32)
+        lse_m = _merged_lse(PSTAT + 4 * stride_pstat, PSTAT + 5 * stride_pstat, rows, rmask, n_splits, stride_ps,
+                            ACC, BLOCK_M)
+    if HAS_IDS:
+        rid = tl.load(RID + rows * stride_rid, mask=rmask, other=_EMPTY)
+        cnt = tl.zeros([BLOCK_M], ACC)
+        for sp in range(0, n_splits):
+            cnt += tl.load(PSTAT + 6 * stride_pstat + sp * stride_ps + rows, mask=rmask, other=0.0)
+        # One-hot mass per positive; a row without positives gets none (0 / max(0, 1)).
+        w_pos = (1.0 - alpha) / tl.maximum(cnt, 1.0)
     lo = pid_s * keys_per_split
     hi = tl.minimum(lo + keys_per_split, N)
     loss = tl.zeros([BLOCK_M], ACC)
@@ -256,12 +313,21 @@ def _focal_itc_sweep2_kernel(
         k = _load_keys(K0, K1, cols, offs_d, stride_k0n, stride_k0d, stride_k1n, stride_k1d, N0, hi, D,
                        TWO_PARTS, DOT_FP32)
         z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
-        zm = tl.dot(qm, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
         l = tl.where(cmask[None, :], z - lse[:, None], 0.0)  # padded columns: harmless l = 0
         p = tl.exp(l)
         t, g = _focal_terms(l, p, gamma, ACC == tl.float64)
-        tgt = alpha * tl.exp(zm - lse_m[:, None])
-        tgt = tl.where(cols[None, :] == rows[:, None], tgt + (1.0 - alpha), tgt)
+        if HAS_MOMENTUM:
+            zm = tl.dot(qm, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau
+            tgt = alpha * tl.exp(zm - lse_m[:, None])
+        else:
+            tgt = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        if HAS_IDS:
+            kid = _load_key_ids(KID0, KID1, cols, stride_kid0, stride_kid1, N0, hi, TWO_PARTS)
+            # + 0.0 off the positives: the sum is exact, so ids = arange(B) with empty
+            # queue slots give the bits of the one-hot line below.
+            tgt = tgt + tl.where(_id_match(rid, kid), w_pos[:, None], 0.0)
+        else:
+            tgt = tl.where(cols[None, :] == rows[:, None], tgt + (1.0 - alpha), tgt)
         tgt = tl.where(cmask[None, :], tgt, 0.0)
         loss -= tl.sum(tgt * t * l, 1)
         qg = tgt * g
@@ -284,11 +350,12 @@ def _focal_itc_combine_kernel(
     stride_pstat, stride_ps, stride_pas, stride_pab, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
     stride_dqb, stride_sb,
     gamma_hi, gamma_lo,
-    HAS_TARGETS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr,
+    TWO_SWEEPS: tl.constexpr, HAS_IDS: tl.constexpr, TWO_PARTS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' partials of BLOCK_M rows and BLOCK_D feature columns into the
-    loss, ``dL/dQ``, ``dL/dtau`` and the row statistics (lse, S, g_ii)."""
+    loss, ``dL/dQ``, ``dL/dtau`` and the row statistics (lse, S, g_ii, positive count;
+    with ids g_ii is 0 and the count is summed over the splits, else 1)."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -304,13 +371,19 @@ def _focal_itc_combine_kernel(
     s = tl.zeros([BLOCK_M], ACC)
     pz = tl.zeros([BLOCK_M], ACC)
     z_ii = tl.zeros([BLOCK_M], ACC)
+    cnt = tl.full([BLOCK_M], 1.0, ACC)
+    if HAS_IDS:
+        cnt = tl.zeros([BLOCK_M], ACC)
     pk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for sp in range(0, n_splits):
         pst = PSTAT + sp * stride_ps + rows
         w = tl.exp(tl.load(pst, mask=rmask, other=0.0) - m)  # 0 for an empty split (m_s = -inf)
         s += w * tl.load(pst + stride_pstat, mask=rmask, other=1.0)
         pz += w * tl.load(pst + 2 * stride_pstat, mask=rmask, other=0.0)
-        z_ii += tl.load(pst + 3 * stride_pstat, mask=rmask, other=0.0)  # nonzero in the positive's split only
+        if HAS_IDS:
+            cnt += tl.load(pst + 6 * stride_pstat, mask=rmask, other=0.0)
+        else:
+            z_ii += tl.load(pst + 3 * stride_pstat, mask=rmask, other=0.0)  # nonzero in the positive's split only
         pk += w[:, None] * tl.load(PACC + sp * stride_pas + rows[:, None] * stride_pab + offs_d[None, :],
                                    mask=qd_mask, other=0.0)
     lse = m + tl.log(s)
@@ -318,7 +391,9 @@ def _focal_itc_combine_kernel(
     pz = pz / s  # sum_j p_j z_j
     l_ii = z_ii - lse
     t_ii, g_ii = _focal_terms(l_ii, tl.exp(l_ii), gamma, ACC == tl.float64)
-    if HAS_TARGETS:
+    if HAS_IDS:
+        g_ii = tl.zeros([BLOCK_M], ACC)  # no single positive column: the key gradient recomputes g
+    if TWO_SWEEPS:
         loss = tl.zeros([BLOCK_M], ACC)
         s_row = tl.zeros([BLOCK_M], ACC)
         qgz = tl.zeros([BLOCK_M], ACC)
@@ -345,18 +420,22 @@ def _focal_itc_combine_kernel(
     tl.store(STATS + rows, lse, mask=first)
     tl.store(STATS + stride_sb + rows, s_row, mask=first)
     tl.store(STATS + 2 * stride_sb + rows, g_ii, mask=first)
+    tl.store(STATS + 3 * stride_sb + rows, cnt, mask=first)
 
 
 @triton.jit
 def _focal_itc_key_grad_kernel(
-    Q, K, TAU, STATS, W, W_SCALE, DK,
+    Q, K, TAU, STATS, W, W_SCALE, RID, KID, DK,
     B, N, D, rows_per_split,
-    stride_qb, stride_qd, stride_kn, stride_kd, stride_dks, stride_dkn, stride_sb,
-    ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    stride_qb, stride_qd, stride_kn, stride_kd, stride_dks, stride_dkn, stride_sb, stride_rid, stride_kid,
+    gamma_hi, gamma_lo,
+    HAS_IDS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``dK_k = sum_i w_i * (p_ik S_i - [i == k] g_ii) Q_i / tau`` for one-hot targets,
-    summed over one split of the query rows: one program per (block of keys, split)."""
+    """``dK_k = sum_i w_i * (p_ik S_i - q_ik g_ik) Q_i / tau`` for targets without
+    momentum: one-hot (``q_ik g_ik = [i == k] g_ii``) or, with ids, ``[ids_i == kid_k] / c_i``
+    (``g_ik`` recomputed from ``l_ik``), summed over one split of the query rows: one
+    program per (block of keys, split)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -365,6 +444,9 @@ def _focal_itc_key_grad_kernel(
     dmask = offs_d < D
     k = _load_tile(K, cols, offs_d, stride_kn, stride_kd, N, D, DOT_FP32)
     inv_tau = 1.0 / tl.load(TAU).to(ACC)
+    if HAS_IDS:
+        gamma = tl.cast(gamma_hi, ACC) + tl.cast(gamma_lo, ACC)
+        kid = tl.load(KID + cols * stride_kid, mask=cmask, other=_EMPTY)
     lo = pid_s * rows_per_split
     hi = tl.minimum(lo + rows_per_split, B)
     acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -378,7 +460,15 @@ def _focal_itc_key_grad_kernel(
         w = tl.load(W + rows, mask=rmask, other=0.0).to(ACC)
         z = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * inv_tau  # (BLOCK_M, BLOCK_N)
         p = tl.where(cmask[None, :], tl.exp(z - lse[:, None]), 0.0)
-        dz = p * s_row[:, None] - tl.where(rows[:, None] == cols[None, :], g_ii[:, None], 0.0)
+        if HAS_IDS:
+            rid = tl.load(RID + rows * stride_rid, mask=rmask, other=_EMPTY)
+            inv_cnt = 1.0 / tl.maximum(tl.load(STATS + 3 * stride_sb + rows, mask=rmask, other=1.0), 1.0)
+            match = _id_match(rid, kid)
+            l = tl.where(match, z - lse[:, None], 0.0)  # only matched entries are used
+            _, g = _focal_terms(l, tl.exp(l), gamma, ACC == tl.float64)
+            dz = p * s_row[:, None] - tl.where(match, g * inv_cnt[:, None], 0.0)
+        else:
+            dz = p * s_row[:, None] - tl.where(rows[:, None] == cols[None, :], g_ii[:, None], 0.0)
         dz = dz * w[:, None]
         acc += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * (inv_tau * tl.load(W_SCALE).to(ACC))
@@ -519,54 +609,80 @@ def _key_parts(keys):
     return k0, k1, n0, n0 + (k1.shape[0] if len(parts) == 2 else 0), len(parts) == 2
 
 
-def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, splits: Optional[int] = None):
+def _key_id_parts(key_ids, n0: int, N: int, two_parts: bool):
+    """``(KID0, KID1)`` in the layout of the keys: a [N] tensor is cut at ``n0`` (views,
+    no copy); a sequence must hold one [N_p] tensor per key part."""
+    if isinstance(key_ids, torch.Tensor):
+        if key_ids.shape != (N,):
+            raise ValueError(f"key_ids: expected shape ({N},) (one id per key), got {tuple(key_ids.shape)}")
+        return (key_ids[:n0], key_ids[n0:]) if two_parts else (key_ids, key_ids)
+    parts = list(key_ids)
+    lengths = [n0, N - n0] if two_parts else [N]
+    if [tuple(p.shape) for p in parts] != [(n,) for n in lengths]:
+        raise ValueError(f"key_ids: expected parts of shapes {[(n,) for n in lengths]} (as the keys), "
+                         f"got {[tuple(p.shape) for p in parts]}")
+    return (parts[0], parts[1]) if two_parts else (parts[0], parts[0])
+
+
+def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None,
+                               splits: Optional[int] = None):
     """One direction of the focal ITC loss with its gradients, never building [B, N].
 
     Args: ``q`` [B, D]; ``keys`` a [N, D] tensor or a sequence of up to
     :data:`MAX_PARTS` tensors [N_p, D] read as their concatenation (no copy);
-    ``qm`` [B, D] or None (one-hot targets); ``tau`` 0-dim tensor on the same device.
+    ``qm`` [B, D] or None (one-hot targets); ``tau`` 0-dim tensor on the same device;
+    ``ids`` [B] int64 row ids and ``key_ids`` the keys' int64 ids (a [N] tensor or one
+    [N_p] tensor per key part), or both None (row i's positive is key i).
     ``splits`` (tests) forces the number of key splits. Returns ``loss`` [B], ``dq``
-    [B, D] (``dL_i/dQ_i``), ``dtau`` [B] (``dL_i/dtau``) and ``stats`` [3, B]
-    (lse, S, g_ii), all float32 (float64 for float64 inputs).
+    [B, D] (``dL_i/dQ_i``), ``dtau`` [B] (``dL_i/dtau``) and ``stats`` [4, B]
+    (lse, S, g_ii, positive count; with ids g_ii is 0, without the count is 1), all
+    float32 (float64 for float64 inputs).
     """
     k0, k1, n0, N, two_parts = _key_parts(keys)
     B, D = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     has_targets = qm is not None and alpha > 0
+    has_ids = ids is not None
+    two_sweeps = has_targets or has_ids
     qm_ = qm if has_targets else q
+    # Without ids the id pointers are never read; q stands in for them.
+    kid0, kid1 = _key_id_parts(key_ids, n0, N, two_parts) if has_ids else (q, q)
+    rid = ids if has_ids else q
+    id_args = (rid.stride(0), kid0.stride(0), kid1.stride(0))
     blocks, launch, keys_per_split, n_splits = _plan(B, N, D, q.dtype, dev, splits)
     flags = _flags(q.dtype)
-    # Partial buffers; every element is written by the sweeps (rows < B, d < D).
-    pstat = _empty(6 if has_targets else 4, n_splits, B, device=dev, dtype=acc)
+    # Partial buffers; every element the later kernels read is written by the sweeps
+    # (rows < B, d < D; rows 4-5 with momentum targets, row 6 with ids).
+    pstat = _empty(7 if has_ids else (6 if has_targets else 4), n_splits, B, device=dev, dtype=acc)
     pacc = _empty(n_splits, B, D, device=dev, dtype=acc)
-    if has_targets:
+    if two_sweeps:
         p2stat = _empty(3, n_splits, B, device=dev, dtype=acc)
         p2acc = _empty(n_splits, B, D, device=dev, dtype=acc)
     else:
-        p2stat, p2acc = pstat, pacc  # unused (HAS_TARGETS=False)
+        p2stat, p2acc = pstat, pacc  # unused (TWO_SWEEPS=False)
     key_args = (k0.stride(0), k0.stride(1), k1.stride(0), k1.stride(1))
     grid = (triton.cdiv(B, blocks["BLOCK_M"]), n_splits)
     _focal_itc_sweep1_kernel[grid](
-        q, qm_, k0, k1, tau, pstat, pacc,
+        q, qm_, k0, k1, tau, rid, kid0, kid1, pstat, pacc,
         B, N, n0, D, keys_per_split,
-        q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args,
+        q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
         pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1),
-        HAS_TARGETS=has_targets, TWO_PARTS=two_parts, **flags, **blocks, **launch,
+        HAS_TARGETS=has_targets, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks, **launch,
     )
-    if has_targets:
+    if two_sweeps:
         _focal_itc_sweep2_kernel[grid](
-            q, qm_, k0, k1, tau, pstat, p2stat, p2acc,
+            q, qm_, k0, k1, tau, rid, kid0, kid1, pstat, p2stat, p2acc,
             B, N, n0, D, keys_per_split, n_splits,
-            q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args,
+            q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
             pstat.stride(0), pstat.stride(1), p2acc.stride(0), p2acc.stride(1),
             *split_f32(gamma), *split_f32(alpha),
-            TWO_PARTS=two_parts, **flags, **blocks, **launch,
+            HAS_MOMENTUM=has_targets, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks, **launch,
         )
     loss = _empty(B, device=dev, dtype=acc)
     dtau = _empty(B, device=dev, dtype=acc)
     dq = _empty(B, D, device=dev, dtype=acc)
-    stats = _empty(3, B, device=dev, dtype=acc)
+    stats = _empty(4, B, device=dev, dtype=acc)
     cblocks, claunch = _combine_config(D)
     cgrid = (triton.cdiv(B, cblocks["BLOCK_M"]), triton.cdiv(D, cblocks["BLOCK_D"]))
     _focal_itc_combine_kernel[cgrid](
@@ -576,7 +692,7 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
         pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1), *key_args,
         dq.stride(0), stats.stride(0),
         *split_f32(gamma),
-        HAS_TARGETS=has_targets, TWO_PARTS=two_parts, ACC=flags["ACC"], **cblocks, **claunch,
+        TWO_SWEEPS=two_sweeps, HAS_IDS=has_ids, TWO_PARTS=two_parts, ACC=flags["ACC"], **cblocks, **claunch,
     )
     return loss, dq, dtau, stats
 
@@ -597,10 +713,13 @@ def _key_grad_plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.dev
     return blocks, launch, per * bm, n_splits
 
 
-def focal_itc_key_grad_triton(q, k, tau, stats, w, *, splits: Optional[int] = None):
-    """Gradient with respect to the keys for one-hot targets (CLIP mode):
-    ``dK = sum_i w_i dL_i/dK`` as float32 [N, D] (float64 for float64 inputs).
-    ``splits`` (tests) forces the number of row splits."""
+def focal_itc_key_grad_triton(q, k, tau, stats, w, *, ids=None, key_ids=None, gamma: float = 0.0,
+                              splits: Optional[int] = None):
+    """Gradient with respect to the keys for targets without momentum (CLIP mode):
+    ``dK = sum_i w_i dL_i/dK`` as float32 [N, D] (float64 for float64 inputs). ``stats``
+    from :func:`focal_itc_direction_triton` of the same ``q``, ``k``, ids and ``gamma``;
+    ``ids`` [B] / ``key_ids`` [N] (int64) select positives by id (``gamma`` is then
+    needed to recompute ``g`` at them). ``splits`` (tests) forces the number of row splits."""
     B, D = q.shape
     N = k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -609,13 +728,17 @@ def focal_itc_key_grad_triton(q, k, tau, stats, w, *, splits: Optional[int] = No
     # applied to the float32 accumulator. Computed on the device: no host sync.
     w_scale = w.abs().amax().to(acc).clamp_min(torch.finfo(acc).tiny)
     w = (w.to(acc) / w_scale).contiguous()
+    has_ids = ids is not None
+    rid, kid = (ids, key_ids) if has_ids else (q, q)  # q: never read without ids
     blocks, launch, rows_per_split, n_splits = _key_grad_plan(B, N, D, q.dtype, q.device, splits)
     part = _empty(n_splits, N, D, device=q.device, dtype=acc)
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), n_splits)
     _focal_itc_key_grad_kernel[grid](
-        q, k, tau, stats, w, w_scale, part,
+        q, k, tau, stats, w, w_scale, rid, kid, part,
         B, N, D, rows_per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), part.stride(0), part.stride(1), stats.stride(0),
-        **_flags(q.dtype), **blocks, **launch,
+        rid.stride(0), kid.stride(0),
+        *split_f32(gamma),
+        HAS_IDS=has_ids, **_flags(q.dtype), **blocks, **launch,
     )
     return part[0] if n_splits == 1 else part.sum(0)

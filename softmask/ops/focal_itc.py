@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from softmask import reference
+from softmask.reference import EMPTY_ID
 from softmask.ops._common import (
     accum_dtype,
     check_fraction,
@@ -28,6 +29,8 @@ __all__ = ["focal_itc_loss", "FocalITCLoss"]
 
 # A key bank: one [N, D] tensor or a sequence of [N_p, D] tensors read as their concatenation.
 KeyBank = Union[Tensor, Sequence[Tensor]]
+# Key ids: one [N] int64 tensor or a sequence of [N_p] int64 tensors (one per key-bank part).
+KeyIds = Union[Tensor, Sequence[Tensor]]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -69,25 +72,53 @@ def _key_bank(keys: KeyBank, acc: torch.dtype) -> Tensor:
     return out
 
 
+def _key_id_bank(key_ids) -> Tensor:
+    """The key ids as one [N] tensor (parts concatenated: 8 bytes per key)."""
+    if isinstance(key_ids, Tensor):
+        return key_ids
+    parts = list(key_ids)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _positives(ids: Tensor, kid: Tensor, kid_valid: Tensor, alpha: float, acc: torch.dtype):
+    """Positives of one block of rows: ``(rows, cols)`` of the matches in row-major order
+    (the [rows, N] match mask lives only inside this call), the counts ``c`` [rows] and
+    the one-hot mass per positive ``(1 - alpha) / max(c, 1)`` [rows]."""
+    match = (ids[:, None] == kid[None, :]) & kid_valid[None, :]  # (rows, N) bool, one block
+    cnt = match.sum(1).to(acc)
+    w_pos = torch.full_like(cnt, 1.0 - alpha) / cnt.clamp_min(1)
+    mr, mc = match.nonzero(as_tuple=True)
+    return mr, mc, cnt, w_pos
+
+
 def _row_blocks(B: int, N: int):
     step = max(1, TORCH_BLOCK_ELEMS // max(N, 1))
     for r0 in range(0, B, step):
         yield r0, min(B, r0 + step)
 
 
-def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float):
+def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None):
     """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`
-    (``k``: a [N, D] tensor or a sequence of parts)."""
+    (``k``: a [N, D] tensor or a sequence of parts; ``key_ids`` likewise).
+
+    With ids the positives of a block of rows are found from its [rows, N] match mask and
+    handled as index lists: the focal terms of a row without momentum targets are computed
+    at its positives only, so ``ids = arange(B)`` with empty queue slots gives the bits of
+    the one-hot path (same values, same vector lengths, sums with exact zeros)."""
     B, D = q.shape
     acc = accum_dtype(q.dtype)
     kk = _key_bank(k, acc)
     N = kk.shape[0]
     inv_tau = 1.0 / tau.to(acc)
     has_targets = qm is not None and alpha > 0
+    if ids is not None:
+        kid = _key_id_bank(key_ids)
+        kid_valid = kid != EMPTY_ID
     loss = torch.empty(B, device=q.device, dtype=acc)
     dtau = torch.empty_like(loss)
     dq = torch.empty(B, D, device=q.device, dtype=acc)
-    stats = torch.empty(3, B, device=q.device, dtype=acc)
+    stats = torch.empty(4, B, device=q.device, dtype=acc)
+    stats[3] = 1.0  # positive counts: 1 without ids
     for r0, r1 in _row_blocks(B, N):
         rows = torch.arange(r1 - r0, device=q.device)
         diag = rows + r0
@@ -95,16 +126,31 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float):
         lse = torch.logsumexp(z, dim=1)
         l = z - lse[:, None]
         p = l.exp()
+        if ids is not None:
+            mr, mc, cnt, w_pos = _positives(ids[r0:r1], kid, kid_valid, alpha, acc)
+            stats[3, r0:r1] = cnt
         if has_targets:
             tgt = torch.softmax((qm[r0:r1].to(acc) @ kk.t()).mul_(inv_tau), dim=1).mul_(alpha)
-            tgt[rows, diag] += 1.0 - alpha
+            if ids is None:
+                tgt[rows, diag] += 1.0 - alpha
+            else:
+                tgt[mr, mc] += w_pos[mr]
             t, g = _focal_terms_torch(l, p, gamma)
             loss[r0:r1] = -(tgt * t * l).sum(1)
             del t
             qg = tgt.mul_(g)  # q * g, in place of the targets
             s_row = qg.sum(1)
-            g_ii = g[rows, diag]
+            g_ii = g[rows, diag] if ids is None else torch.zeros_like(s_row)
             dz = p.mul_(s_row[:, None]).sub_(qg)  # p S - q g
+        elif ids is not None:
+            l_pos, p_pos = l[mr, mc], p[mr, mc]
+            t_pos, g_pos = _focal_terms_torch(l_pos, p_pos, gamma)
+            qg_pos = g_pos * w_pos[mr]  # q g at the positives
+            loss[r0:r1] = -torch.zeros_like(lse).index_add_(0, mr, t_pos * l_pos * w_pos[mr])
+            s_row = torch.zeros_like(lse).index_add_(0, mr, qg_pos)
+            g_ii = torch.zeros_like(s_row)
+            dz = p.mul_(s_row[:, None])
+            dz[mr, mc] -= qg_pos
         else:
             l_ii = l[rows, diag]
             t_ii, g_ii = _focal_terms_torch(l_ii, p[rows, diag], gamma)
@@ -120,39 +166,52 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float):
     return loss, dq, dtau, stats
 
 
-def focal_itc_key_grad_torch(q, k, tau, stats, w):
+def focal_itc_key_grad_torch(q, k, tau, stats, w, *, ids=None, key_ids=None, gamma: float = 0.0):
     """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_key_grad_triton`."""
     B, D = q.shape
     N = k.shape[0]
     acc = accum_dtype(q.dtype)
     kk = k.to(acc)
     inv_tau = 1.0 / tau.to(acc)
+    if ids is not None:
+        kid_valid = key_ids != EMPTY_ID
     dk = torch.zeros(N, D, device=q.device, dtype=acc)
     for r0, r1 in _row_blocks(B, N):
         rows = torch.arange(r1 - r0, device=q.device)
         qb = q[r0:r1].to(acc)
         z = (qb @ kk.t()).mul_(inv_tau)
-        dz = z.sub_(stats[0, r0:r1, None]).exp_().mul_(stats[1, r0:r1, None])
-        dz[rows, rows + r0] -= stats[2, r0:r1]
+        if ids is None:
+            dz = z.sub_(stats[0, r0:r1, None]).exp_().mul_(stats[1, r0:r1, None])
+            dz[rows, rows + r0] -= stats[2, r0:r1]
+        else:
+            # g at the positives, recomputed exactly as the forward computed it
+            mr, mc, _, w_pos = _positives(ids[r0:r1], key_ids, kid_valid, 0.0, acc)
+            l = z.sub_(stats[0, r0:r1, None])
+            l_pos = l[mr, mc]
+            p = l.exp_()
+            _, g_pos = _focal_terms_torch(l_pos, p[mr, mc], gamma)
+            dz = p.mul_(stats[1, r0:r1, None])
+            dz[mr, mc] -= g_pos * w_pos[mr]
         dz.mul_(w[r0:r1, None].to(acc))
         dk += dz.t() @ qb
     return dk.mul_(inv_tau)
 
 
-def _direction(q, k, qm, tau, gamma, alpha, backend):
+def _direction(q, k, qm, tau, gamma, alpha, ids, key_ids, backend):
     if backend == "triton":
         from softmask.kernels.focal_itc import focal_itc_direction_triton
 
-        return focal_itc_direction_triton(q, k, qm, tau, gamma, alpha)
-    return focal_itc_direction_torch(q, k, qm, tau, gamma, alpha)
+        return focal_itc_direction_triton(q, k, qm, tau, gamma, alpha, ids=ids, key_ids=key_ids)
+    return focal_itc_direction_torch(q, k, qm, tau, gamma, alpha, ids=ids, key_ids=key_ids)
 
 
-def _key_grad(q, k, tau, stats, w, backend):
+def _key_grad(q, k, tau, stats, w, ids, gamma, backend):
+    """CLIP mode: the keys are the other side's batch, so their ids are the row ids."""
     if backend == "triton":
         from softmask.kernels.focal_itc import focal_itc_key_grad_triton
 
-        return focal_itc_key_grad_triton(q, k, tau, stats, w)
-    return focal_itc_key_grad_torch(q, k, tau, stats, w)
+        return focal_itc_key_grad_triton(q, k, tau, stats, w, ids=ids, key_ids=ids, gamma=gamma)
+    return focal_itc_key_grad_torch(q, k, tau, stats, w, ids=ids, key_ids=ids, gamma=gamma)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -167,59 +226,72 @@ def _focal_itc_rows(
     text_keys: List[Tensor],
     image_feat_m: Optional[Tensor],
     text_feat_m: Optional[Tensor],
+    ids: Optional[Tensor],
+    image_key_ids: List[Tensor],
+    text_key_ids: List[Tensor],
     gamma: float,
     alpha: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses of both directions plus what the backward needs:
     ``(loss_i2t [B], loss_t2i [B], dL_i2t/dimage [B, D], dL_t2i/dtext [B, D],
-    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [3, B], stats_t2i [3, B])``.
+    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [4, B], stats_t2i [4, B])``.
     ``image_keys`` / ``text_keys``: the parts of each key bank; empty lists select the
-    CLIP mode."""
+    CLIP mode. ``image_key_ids`` / ``text_key_ids``: the key ids, one tensor per part of
+    the bank (empty without ids, and in CLIP mode, where the keys' ids are ``ids``)."""
     clip = len(text_keys) == 0
     tk = text_feat if clip else text_keys
     ik = image_feat if clip else image_keys
+    tk_ids = ids if clip else text_key_ids
+    ik_ids = ids if clip else image_key_ids
     tau = temperature.detach()
-    l1, dq1, dt1, st1 = _direction(image_feat, tk, image_feat_m, tau, gamma, alpha, backend)
-    l2, dq2, dt2, st2 = _direction(text_feat, ik, text_feat_m, tau, gamma, alpha, backend)
+    l1, dq1, dt1, st1 = _direction(image_feat, tk, image_feat_m, tau, gamma, alpha, ids, tk_ids, backend)
+    l2, dq2, dt2, st2 = _direction(text_feat, ik, text_feat_m, tau, gamma, alpha, ids, ik_ids, backend)
     return l1, l2, dq1, dq2, dt1, dt2, st1, st2
 
 
 @_focal_itc_rows.register_fake
-def _(image_feat, text_feat, temperature, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, backend):
+def _(image_feat, text_feat, temperature, image_keys, text_keys, image_feat_m, text_feat_m, ids, image_key_ids,
+      text_key_ids, gamma, alpha, backend):
     B, D = image_feat.shape
     acc = accum_dtype(image_feat.dtype)
     row = lambda: image_feat.new_empty(B, dtype=acc)  # noqa: E731
     feat = lambda: image_feat.new_empty(B, D, dtype=acc)  # noqa: E731
-    stats = lambda: image_feat.new_empty(3, B, dtype=acc)  # noqa: E731
+    stats = lambda: image_feat.new_empty(4, B, dtype=acc)  # noqa: E731
     return row(), row(), feat(), feat(), row(), row(), stats(), stats()
 
 
 @torch.library.custom_op("softmask::focal_itc_key_grad", mutates_args=())
-def _focal_itc_key_grad(q: Tensor, k: Tensor, temperature: Tensor, stats: Tensor, w: Tensor, backend: str) -> Tensor:
-    """``sum_i w_i dL_i/dK`` for one-hot targets, [N, D] in the accumulation dtype."""
-    return _key_grad(q, k, temperature.detach(), stats, w, backend)
+def _focal_itc_key_grad(q: Tensor, k: Tensor, temperature: Tensor, stats: Tensor, w: Tensor, ids: Optional[Tensor],
+                        gamma: float, backend: str) -> Tensor:
+    """``sum_i w_i dL_i/dK`` for targets without momentum (one-hot, or uniform over the
+    keys with the row's id), [N, D] in the accumulation dtype."""
+    return _key_grad(q, k, temperature.detach(), stats, w, ids, gamma, backend)
 
 
 @_focal_itc_key_grad.register_fake
-def _(q, k, temperature, stats, w, backend):
+def _(q, k, temperature, stats, w, ids, gamma, backend):
     return k.new_empty(k.shape, dtype=accum_dtype(k.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    image_feat, text_feat, temperature, image_keys, text_keys, _, _, _, _, backend = inputs
+    (image_feat, text_feat, temperature, image_keys, text_keys, _, _, ids, image_key_ids, text_key_ids, gamma, _,
+     backend) = inputs
     _, _, dq1, dq2, dt1, dt2, st1, st2 = output
     ctx.clip = len(text_keys) == 0
     ctx.backend = backend
-    ctx.n_parts = (len(image_keys), len(text_keys))
+    ctx.gamma = gamma
+    ctx.n_parts = (len(image_keys), len(text_keys), len(image_key_ids), len(text_key_ids))
     # No key-bank tensor is saved: the forward computed dL/dfeatures and dL/dtau, so a
     # write into a queue part after the loss (ALBEF's enqueue) cannot change the backward.
-    ctx.save_for_backward(image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2)
+    # The row ids are kept for CLIP mode's key gradient (they are the keys' ids there).
+    ctx.save_for_backward(image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2,
+                          ids if ctx.clip else None)
     ctx.mark_non_differentiable(*output[2:])
 
 
 def _backward(ctx, g1, g2, *_unused):
-    image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2 = ctx.saved_tensors
+    image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2, ids = ctx.saved_tensors
     g1 = torch.zeros_like(dt1) if g1 is None else g1.to(dt1.dtype)
     g2 = torch.zeros_like(dt2) if g2 is None else g2.to(dt2.dtype)
     d_image = d_text = d_tau = None
@@ -227,15 +299,17 @@ def _backward(ctx, g1, g2, *_unused):
         d_image = g1[:, None] * dq1
         d_text = g2[:, None] * dq2
         if ctx.clip:  # the keys are the other side's online features
-            d_image = d_image + _focal_itc_key_grad(text_feat, image_feat, temperature, st2, g2, ctx.backend)
-            d_text = d_text + _focal_itc_key_grad(image_feat, text_feat, temperature, st1, g1, ctx.backend)
+            d_image = d_image + _focal_itc_key_grad(text_feat, image_feat, temperature, st2, g2, ids, ctx.gamma,
+                                                    ctx.backend)
+            d_text = d_text + _focal_itc_key_grad(image_feat, text_feat, temperature, st1, g1, ids, ctx.gamma,
+                                                  ctx.backend)
         d_image = d_image.to(image_feat.dtype)
         d_text = d_text.to(text_feat.dtype)
     if ctx.needs_input_grad[2]:
         d_tau = (g1 * dt1 + g2 * dt2).sum().to(temperature.dtype)
-    no_grad_bank = lambda n: [None] * n  # noqa: E731  (one entry per key-bank part)
-    return (d_image, d_text, d_tau, no_grad_bank(ctx.n_parts[0]), no_grad_bank(ctx.n_parts[1]),
-            None, None, None, None, None)
+    no_grad_bank = lambda n: [None] * n  # noqa: E731  (one entry per key-bank or key-id part)
+    return (d_image, d_text, d_tau, no_grad_bank(ctx.n_parts[0]), no_grad_bank(ctx.n_parts[1]), None, None,
+            None, no_grad_bank(ctx.n_parts[2]), no_grad_bank(ctx.n_parts[3]), None, None, None)
 
 
 _focal_itc_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -264,7 +338,8 @@ def _check_temperature(temperature, ref: Tensor) -> Tensor:
     return temperature
 
 
-def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction):
+def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction,
+              ids=None, key_ids=None):
     check_tensor("image_feat", image_feat, ndim=2)
     check_tensor("text_feat", text_feat, ndim=2)
     check_same("text_feat", text_feat, "image_feat", image_feat)
@@ -278,9 +353,13 @@ def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_f
     if (image_keys is None) != (text_keys is None):
         given, missing = ("image_keys", "text_keys") if text_keys is None else ("text_keys", "image_keys")
         raise ValueError(f"{missing}: expected a [N, D] key bank since {given} is given (or both None), got None")
-    banks = {}
+    banks, lengths = {}, {}
     for name, keys in (("text_keys", text_keys), ("image_keys", image_keys)):
-        banks[name] = None if keys is None else _key_parts(name, keys, image_feat)
+        if keys is not None:
+            banks[name], lengths[name] = _key_parts(name, keys, image_feat, by_position=ids is None)
+        else:
+            banks[name] = None
+    key_id_parts = _validate_ids(ids, key_ids, lengths, image_feat)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma: expected a Python float, got {type(gamma).__name__}")
     if not (gamma >= 0 and math.isfinite(gamma)):
@@ -301,12 +380,65 @@ def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_f
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    return float(gamma), alpha, banks["image_keys"], banks["text_keys"]
+    return float(gamma), alpha, banks["image_keys"], banks["text_keys"], key_id_parts
 
 
-def _key_parts(name: str, keys, image_feat: Tensor) -> Tuple[Tensor, ...]:
+def _check_id_tensor(name: str, t, length: int, what: str, image_feat: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of int64 ids, got {type(t).__name__}")
+    check_tensor(name, t, dtypes=(torch.int64,))
+    if t.shape != (length,):
+        raise ValueError(f"{name}: expected shape ({length},) ({what}), got {tuple(t.shape)}")
+    if t.device != image_feat.device:
+        raise ValueError(f"{name}: expected device {image_feat.device} (as image_feat), got {t.device}")
+    return t
+
+
+def _validate_ids(ids, key_ids, lengths: dict, image_feat: Tensor):
+    """Check ``ids`` and ``key_ids`` against the batch and the key banks (``lengths``: the
+    part lengths of each bank as given, empty in CLIP mode) and return, per bank, the key
+    ids as one tensor per non-empty bank part: ``{"text_keys": (...), "image_keys": (...)}``,
+    or None without ids."""
+    clip = not lengths
+    if ids is None:
+        if key_ids is not None:
+            raise ValueError("ids: expected [B] int64 row ids since key_ids is given, got None")
+        return None
+    _check_id_tensor("ids", ids, image_feat.shape[0], "one id per row of image_feat", image_feat)
+    if clip:
+        if key_ids is not None:
+            raise ValueError(
+                f"key_ids: expected None in CLIP mode (no key banks: the keys are the batch, whose ids are ids), "
+                f"got {type(key_ids).__name__}"
+            )
+        return None
+    if key_ids is None:
+        raise ValueError("key_ids: expected the key banks' ids (a [N] int64 tensor, or one [N_p] int64 tensor per "
+                         "key-bank part) since ids is given, got None")
+    out = {}
+    for bank, lens in lengths.items():
+        n = sum(lens)
+        if isinstance(key_ids, Tensor):
+            whole = _check_id_tensor("key_ids", key_ids, n, f"one id per key of {bank}", image_feat)
+            parts = whole.split(lens)
+        elif isinstance(key_ids, (tuple, list)):
+            if len(key_ids) != len(lens):
+                raise ValueError(f"key_ids: expected {len(lens)} part(s) matching the parts of {bank} "
+                                 f"(lengths {list(lens)}), got {len(key_ids)}")
+            parts = [_check_id_tensor(f"key_ids[{i}]", part, lens[i], f"as {bank}[{i}]", image_feat)
+                     for i, part in enumerate(key_ids)]
+        else:
+            raise TypeError(f"key_ids: expected a [N] int64 tensor or a tuple/list of [N_p] int64 tensors "
+                            f"matching the key-bank parts, got {type(key_ids).__name__}")
+        out[bank] = tuple(part for part, n_p in zip(parts, lens) if n_p > 0)
+    return out
+
+
+def _key_parts(name: str, keys, image_feat: Tensor, by_position: bool = True):
     """Validate a key bank (a [N, D] tensor, or a tuple/list of [N_p, D] tensors read as
-    their concatenation) part by part and return its non-empty parts as a tuple."""
+    their concatenation) part by part; return its non-empty parts as a tuple and the
+    lengths of all its parts as given. ``by_position``: row i's positive is key i, so
+    N >= B (with ids N >= 1 suffices)."""
     B, D = image_feat.shape
     if isinstance(keys, Tensor):
         named = [(name, keys)]
@@ -325,9 +457,11 @@ def _key_parts(name: str, keys, image_feat: Tensor) -> Tuple[Tensor, ...]:
         check_same(part_name, part, "image_feat", image_feat)
         check_size(part_name, part, 1, D, "D, as image_feat")
     n = sum(part.shape[0] for _, part in named)
-    if n < B:
+    if by_position and n < B:
         raise ValueError(f"{name}: expected N >= B = {B} keys (row i's positive is key i), got N = {n}")
-    return tuple(part for _, part in named if part.shape[0] > 0)
+    if n == 0:
+        raise ValueError(f"{name}: expected at least one key, got N = 0")
+    return tuple(part for _, part in named if part.shape[0] > 0), [part.shape[0] for _, part in named]
 
 
 # --------------------------------------------------------------------------- public API
@@ -344,6 +478,8 @@ def focal_itc_loss(
     image_feat_m: Optional[Tensor] = None,
     text_feat_m: Optional[Tensor] = None,
     alpha: float = 0.0,
+    ids: Optional[Tensor] = None,
+    key_ids: Optional[KeyIds] = None,
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:
@@ -358,6 +494,11 @@ def focal_itc_loss(
         p = softmax(z, dim=1)
         q = alpha * softmax(Qm @ K.T / temperature, dim=1) + (1 - alpha) * one_hot(arange(B), N)
         L_row = -(q * (1 - p) ** gamma * log(p)).sum(1)           # (B,)
+
+    and with positive ids (ALBEF's retrieval fine-tuning; ``key_ids`` concatenated)::
+
+        pos = (ids[:, None] == key_ids[None, :]) & (key_ids != -100)[None, :]   # (B, N), never built
+        q = alpha * softmax(Qm @ K.T / temperature, dim=1) + (1 - alpha) * pos / pos.sum(1, keepdim=True).clamp(min=1)
 
     and ``rows = (L_row_i2t + L_row_t2i) / 2``; ``reduction`` "mean" gives
     ``rows.mean()`` (ALBEF's ITC loss at ``gamma = 0``), "sum" ``rows.sum()``,
@@ -387,6 +528,26 @@ def focal_itc_loss(
         image_feat_m, text_feat_m: [B, D] momentum features for the distillation
             targets; required when ``alpha > 0`` (which also needs the key banks).
         alpha: distillation weight in [0, 1].
+        ids: [B] int64 ids of the rows (e.g. image ids, one per image-caption pair), or
+            None (row i's positive is key i). With ids, row i's one-hot target becomes
+            uniform over the keys j with ``key_ids[j] == ids[i]`` (e.g. every caption of
+            the same image), mixed with the distillation targets as ALBEF does; the focal
+            weight applies as without ids. The id ``-100`` (:data:`softmask.reference.EMPTY_ID`,
+            ALBEF's empty ``idx_queue`` slot) matches nothing: a key with it is never a
+            positive, and a row with it has no positive. A row with no positive key gets
+            no one-hot part (``pos / max(count, 1)``): its target is the
+            ``alpha * softmax(momentum logits)`` part alone, not renormalized, so with
+            ``alpha = 0`` its loss and gradients are exactly 0 (never NaN); it still
+            counts in the "mean". Without the position rule, key banks may hold fewer
+            than B keys. CLIP mode takes ``ids`` alone: the keys are the batch itself, so
+            both directions match ``ids`` against ``ids``.
+        key_ids: the int64 ids of the key-bank rows, required with ``ids`` when key banks
+            are given, and used for both banks (which must then have the same length):
+            a [N] tensor, or a tuple/list with one [N_p] tensor per part of each key bank
+            (ALBEF: ``(ids, idx_queue)`` beside ``(text_feat_m, text_queue)``). The match
+            is made inside the kernels from the two id vectors (8 bytes per key per sweep);
+            no [B, N] mask exists in the triton backend, and the torch backend holds one
+            block of rows' mask at a time.
         reduction: "mean" | "sum" | "none".
         backend: "auto" (triton on CUDA, torch elsewhere) | "triton" | "torch" | "reference".
 
@@ -399,10 +560,15 @@ def focal_itc_loss(
     for float64 inputs). No inf/NaN for temperatures down to 0.001 and any gamma >= 0.
     Gradients: the forward computes ``dL/dfeatures`` and ``dL/dtemperature`` in the
     same sweeps over the key bank, and the backward only scales them (plus one sweep
-    for the key gradient in CLIP mode). Double backward is not supported.
+    for the key gradient in CLIP mode). Double backward is not supported. With ids and
+    ``alpha = 0`` the triton backend runs the second sweep over the keys that momentum
+    targets would run (two sweeps instead of one); with ``alpha > 0`` ids add the id
+    reads and compares only. ``ids = arange(B)`` with ``key_ids`` ``arange(B)`` for the
+    batch keys and ``-100`` for the queue gives the loss and gradients of no ids (bit for
+    bit on the torch backend).
     """
-    gamma, alpha, image_keys, text_keys = _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m,
-                                                    text_feat_m, gamma, alpha, reduction)
+    gamma, alpha, image_keys, text_keys, key_id_parts = _validate(
+        image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction, ids, key_ids)
     temperature = _check_temperature(temperature, image_feat)
     backend = resolve_backend(backend, image_feat.device)
     if backend == "triton":
@@ -423,13 +589,15 @@ def focal_itc_loss(
     if backend == "reference":
         return reference.focal_itc_loss_reference(
             image_feat, text_feat, temperature, gamma=gamma, image_keys=image_keys, text_keys=text_keys,
-            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha, reduction=reduction,
+            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha, ids=ids, key_ids=key_ids,
+            reduction=reduction,
         )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     detach_bank = lambda parts: [] if parts is None else [p.detach() for p in parts]  # noqa: E731
+    id_parts = lambda bank: [] if key_id_parts is None else list(key_id_parts[bank])  # noqa: E731
     out = _focal_itc_rows(
         image_feat, text_feat, temperature, detach_bank(image_keys), detach_bank(text_keys), detach(image_feat_m),
-        detach(text_feat_m), gamma, alpha, backend,
+        detach(text_feat_m), ids, id_parts("image_keys"), id_parts("text_keys"), gamma, alpha, backend,
     )
     rows = 0.5 * (out[0] + out[1])
     if reduction == "mean":
@@ -441,7 +609,7 @@ def focal_itc_loss(
 
 class FocalITCLoss(torch.nn.Module):
     """Module form of :func:`focal_itc_loss`; ``forward`` takes the same arguments
-    (features, temperature and the keyword key banks / momentum features)."""
+    (features, temperature and the keyword key banks / momentum features / ids)."""
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.0, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
@@ -460,11 +628,13 @@ class FocalITCLoss(torch.nn.Module):
         text_keys: Optional[KeyBank] = None,
         image_feat_m: Optional[Tensor] = None,
         text_feat_m: Optional[Tensor] = None,
+        ids: Optional[Tensor] = None,
+        key_ids: Optional[KeyIds] = None,
     ) -> Tensor:
         return focal_itc_loss(
             image_feat, text_feat, temperature, gamma=self.gamma, image_keys=image_keys, text_keys=text_keys,
-            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=self.alpha, reduction=self.reduction,
-            backend=self.backend,
+            image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=self.alpha, ids=ids, key_ids=key_ids,
+            reduction=self.reduction, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
