@@ -4,34 +4,83 @@ With no arguments: the ``tiny`` preset on the synthetic shapes data set, on CPU,
 then evaluation (``eval.json``) and pictures (``plots/``) under
 ``runs/softmask-tiny``. Under ``torchrun --nproc_per_node K`` it runs
 DistributedDataParallel (NCCL on GPUs, gloo on CPU).
+
+Settings come, in increasing precedence, from the defaults of
+:class:`~softmask.train.loop.TrainConfig`, a config file (``--config FILE``, JSON or
+YAML: any TrainConfig field; a run's own ``config.json`` replays the run) and the
+flags given on the command line. With ``--resume``, the settings not given come from
+the checkpoint's own, and a given one that differs from the checkpoint's is an error.
+A flag ``--steps`` cancels the ``epochs`` of a config file (``--epochs`` replaces
+``--steps``). Bad settings end with one line naming the flag (or the file and key),
+the value and what is expected, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from softmask.train.loop import NonFiniteLossError, TrainConfig, train
+from softmask.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_config
+from softmask.train.loop import ConfigError, NonFiniteLossError, TrainConfig, load_config_file, train
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "config_from_args", "config_from_argv"]
+
+PROG = "softmask-pretrain"
+
+# flags whose meaning is the negation of a field: dest -> (field, value when the flag is given, when not)
+_INVERTED = {
+    "no_softmask": ("softmask", False, None),
+    "softmask_positives_only": ("softmask_negatives", False, None),
+    "no_text_aug": ("text_aug", False, None),
+    "no_image_aug": ("image_aug", False, True),
+    "no_eval": ("run_eval", False, True),
+    "no_progress": ("progress", False, True),
+}
+_NOT_FIELDS = ("config", "help")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="softmask-pretrain",
+    p = _Parser(
+        prog=PROG,
         description="Pretrain the ALBEF-style model with text-driven soft masks, focal ITC and multi-modal "
         "augmentation; evaluate it (retrieval, pointing game) and draw pictures at the end.",
+        epilog="Settings: TrainConfig defaults < --config FILE < flags given here (with --resume: the checkpoint's "
+        "settings fill in what is not given, and a given one that differs is an error).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--config", default=None,
+                   help="JSON or YAML file of TrainConfig fields (any field; flags given here override it); a run's "
+                   "own config.json replays the run. YAML needs PyYAML")
     p.add_argument("--preset", choices=("tiny", "base"), default=d.preset, help="model size")
     p.add_argument("--data", default=d.data, help="'shapes' (embedded synthetic data) or a caption JSON file")
-    p.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
+    p.add_argument("--image-root", default=None,
+                   help="directory the JSON's image paths are relative to (default: the JSON file's folder)")
+    p.add_argument("--test-data", default=None,
+                   help="caption JSON file of a held-out set: retrieval is evaluated on it. Without it, a JSON "
+                   "training set holds out --holdout of its images (or, if it cannot, evaluation is on the "
+                   "training data and eval.json says so)")
+    p.add_argument("--test-image-root", default=None,
+                   help="directory the --test-data image paths are relative to (default: that JSON's folder)")
+    p.add_argument("--holdout", type=int, default=d.holdout,
+                   help="with a JSON training set and no --test-data: at most this many images (and at most a "
+                   "tenth) are held out for evaluation, listed in OUT/heldout.json; 0: train on all")
     p.add_argument("--tokenizer", default=None,
                    help="local Hugging Face tokenizer directory (default: the shapes WordPiece tokenizer)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training set (replaces --steps; a --steps flag cancels a config file's "
+                   "epochs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process (>= 2)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, cosine with warm-up)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
@@ -70,42 +119,115 @@ def build_parser() -> argparse.ArgumentParser:
                    "shapes data only)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the last checkpoint in --out (settings not given come from it)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation and pictures at the end")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
+def _fields_from(values: dict) -> dict:
+    """TrainConfig fields from parsed flags ``{dest: value}`` (the ``--no-*`` flags negated)."""
+    out = {}
+    for dest, value in values.items():
+        if dest in _NOT_FIELDS:
+            continue
+        if dest in _INVERTED:
+            name, given, absent = _INVERTED[dest]
+            out[name] = given if value else absent
+        else:
+            out[dest] = value
+    return out
+
+
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        preset=a.preset, data=a.data, image_root=a.image_root, tokenizer=a.tokenizer, steps=a.steps,
-        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, temp_lr_scale=a.temp_lr_scale, seed=a.seed, out=a.out, impl=a.impl,
-        device=a.device, gamma=a.gamma, alpha=a.alpha, softmask=False if a.no_softmask else None,
-        mask_floor=a.mask_floor, softmask_negatives=False if a.softmask_positives_only else None,
-        gradcam_layer=a.gradcam_layer, weight_itc=a.weight_itc, weight_itm=a.weight_itm,
-        weight_softmask=a.weight_softmask, weight_mlm=a.weight_mlm, queue_size=a.queue_size,
-        text_aug=False if a.no_text_aug else None, image_aug=not a.no_image_aug, train_size=a.train_size, test_size=a.test_size,
-        num_workers=a.num_workers, threads=a.threads, vit_checkpoint=a.vit_checkpoint, bert_dir=a.bert_dir, log_every=a.log_every,
-        save_every=a.save_every, pointing_every=a.pointing_every, resume=a.resume, run_eval=not a.no_eval, progress=not a.no_progress,
-    )
+    """The TrainConfig of parsed flags alone (every flag at its value or default; no config file)."""
+    return TrainConfig(**_fields_from(vars(a)))
+
+
+def _flag_of(field: str, parser: argparse.ArgumentParser):
+    """The command-line flag that sets ``field`` (None: only a config file can)."""
+    for action in parser._actions:
+        name = _INVERTED[action.dest][0] if action.dest in _INVERTED else action.dest
+        if name == field and action.option_strings:
+            return action.option_strings[0]
+    return None
+
+
+def config_from_argv(argv=None, sources=None):
+    """``(TrainConfig, sources)`` from command-line arguments: defaults, then ``--config``, then the
+    flags given; with ``--resume``, the checkpoint's settings fill in what neither gives. ``sources``
+    (filled in place when given, so that it is complete when this raises) maps each field that was set
+    to where: ``("flag", "--lr")``, ``("file", path)`` or ``("checkpoint", path)``. Raises
+    :class:`ConfigError` (see :func:`describe_error`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(quiet.parse_args(argv))  # only the flags on the command line
+
+    values = {}
+    sources = {} if sources is None else sources
+    if args.config is not None:
+        for k, v in load_config_file(args.config).items():
+            values[k], sources[k] = v, ("file", args.config)
+    cli = _fields_from(given)
+    for k, v in cli.items():
+        values[k], sources[k] = v, ("flag", _flag_of(k, parser))
+    if values.get("resume"):
+        out = values.get("out", TrainConfig.out)
+        ckpt = latest_checkpoint(out, warn=False)
+        if ckpt is not None:
+            try:
+                saved = load_checkpoint_config(ckpt)["train"]
+            except CheckpointError:
+                saved = {}  # train() reports it
+            names = {f.name for f in dataclasses.fields(TrainConfig)}
+            for k, v in saved.items():
+                if k in names and k not in values and k not in ("out", "resume"):
+                    values[k], sources[k] = v, ("checkpoint", f"{ckpt}/config.json")
+    if "steps" in cli and "epochs" in cli and cli["epochs"] is not None:
+        raise ConfigError("epochs", cli["epochs"], "expected either --epochs or --steps, not both")
+    if "steps" in cli and "epochs" not in cli and values.get("epochs") is not None:
+        values["epochs"], sources["epochs"] = None, ("flag", "--steps")  # the flag's steps win over the epochs
+    return TrainConfig(**values), sources
+
+
+def describe_error(e: ConfigError, sources: dict) -> str:
+    """The one-line message of ``e`` naming where the bad value came from: the flag, or the config file
+    (or checkpoint config) and its key."""
+    if e.field == "config":
+        return e.render("--config", flag=True)
+    kind, where = sources.get(e.field, ("flag", None))
+    if kind == "flag":
+        flag = where or _flag_of(e.field, build_parser())
+        return e.render(flag, flag=True) if flag else e.render(e.field)
+    return f"{where}: {e.render(e.field)}"
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    sources = {}
     try:
-        cfg = config_from_args(args)
+        cfg, _ = config_from_argv(argv, sources)
         summary = train(cfg)
+    except ConfigError as e:
+        print(f"{PROG}: error: {describe_error(e, sources)}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
-        print(f"softmask-pretrain: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
-        print(f"softmask-pretrain: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if "eval" in summary:
         ev = summary["eval"]
         keys = [k for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "pointing_game") if k in ev]
         print("eval: " + json.dumps({k: round(ev[k], 2) for k in keys}))
-    print(f"softmask-pretrain: done in {summary['wall_s']:.0f} s; outputs in {summary['out']}")
+        if ev.get("eval_on_training_data"):
+            print(f"{PROG}: note: these retrieval numbers are on the training data ({ev.get('eval_data')}), "
+                  f"not on a held-out set")
+    print(f"{PROG}: done in {summary['wall_s']:.0f} s; outputs in {summary['out']}")
     return 0
 
 

@@ -7,17 +7,74 @@ every ``world``-th index of its batches (a distributed sampler), and the random
 image distortions of an item are drawn from a generator seeded by
 ``(seed, e, index)``. So ``--resume`` continues with exactly the batches of an
 uninterrupted run, with any number of loader worker processes.
+
+It also prepares a run's data (:func:`prepare_data`): the training set, the set that
+retrieval is evaluated on, and the checks that turn a bad data setting into a
+:class:`ConfigError` before any training starts.
+
+Held-out evaluation of caption-JSON data: with ``test_data`` the run is evaluated on
+that file. Without it, ``holdout`` images (default at most 1000, and at most a tenth
+of the images) are held out of the training JSON: chosen by a hash of the image path
+as written in the file (the same images for every seed, every run and any entry
+order), with all their captions, written to ``<out>/heldout.json`` and never trained
+on. When nothing can be held out (``holdout`` 0, or fewer than 20 images), the run is
+evaluated on its training data, and the log and ``eval.json``
+(``eval_on_training_data: true``) say so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SeededItems", "EpochBatches", "batch_stream", "mix_seed"]
+__all__ = ["SeededItems", "EpochBatches", "batch_stream", "mix_seed", "ConfigError", "NO_VALUE", "prepare_data",
+           "PreparedData", "eval_target", "annotate_eval", "check_test_json", "HOLDOUT_FILE"]
+
+HOLDOUT_FILE = "heldout.json"
+# fewest images a JSON training set needs for a hold-out (a tenth of them, at least 2 images, are held out)
+_HOLDOUT_MIN_IMAGES = 20
+NO_VALUE = object()  # a ConfigError about a setting whose value is not worth repeating (e.g. --resume)
+
+
+def _show(value) -> str:
+    """A value as the user would type it: strings bare, unless empty, with spaces, or looking like a
+    number or a boolean (then quoted, so that ``'5'`` reads as the string it is)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+            numeric = True
+        except ValueError:
+            numeric = False
+        plain = value and not any(c.isspace() for c in value) and not numeric and value.lower() not in (
+            "true", "false", "null", "none")
+        return value if plain else repr(value)
+    return repr(value)
+
+
+class ConfigError(ValueError):
+    """A bad setting of a run: the :class:`~softmask.train.loop.TrainConfig` field, the value and what
+    was expected. ``str(e)`` is ``"<field> = <value>: <message>"``; the command line names the flag (or
+    the config file key) instead of the field (:meth:`render`)."""
+
+    def __init__(self, field: str, value, message: str):
+        self.field, self.value, self.message = field, value, message
+        super().__init__(self.render(field))
+
+    def render(self, where: str, *, flag: bool = False) -> str:
+        """The one-line message with ``where`` naming the setting: ``--batch-size 1: ...`` for a flag
+        (``flag``), ``where = value: ...`` otherwise."""
+        if self.value is NO_VALUE:
+            return f"{where}: {self.message}"
+        return f"{where} {_show(self.value)}: {self.message}" if flag else f"{where} = {_show(self.value)}: {self.message}"
 
 
 def mix_seed(*parts: int) -> int:
@@ -96,3 +153,160 @@ def batch_stream(dataset: Dataset, collate, *, batch_size: int, seed: int, curso
         for batch in loader:
             yield cursor, batch
             cursor += 1
+
+
+# ----------------------------------------------------------------------------- a run's data
+
+
+@dataclass
+class PreparedData:
+    """What :func:`prepare_data` gives the training loop.
+
+    ``train``: the training data set. ``eval_data`` / ``eval_image_root``: the data set retrieval is
+    evaluated on (``None``: the run's own default, i.e. the shapes held-out split). ``eval_split``:
+    ``"test"`` (``test_data``), ``"heldout"`` (images held out of the training JSON), ``"train"`` (the
+    training data itself) or ``"shapes_test"``. ``notes``: lines for the log."""
+
+    train: Dataset
+    eval_data: Optional[str]
+    eval_image_root: Optional[str]
+    eval_split: str
+    notes: list
+
+
+def _load_json_set(field: str, path: str, image_root: Optional[str], transform, *, open_images: bool):
+    """A caption-JSON data set with its missing (``open_images``: or unidentifiable) images dropped.
+    Returns ``(dataset, dropped_paths, n_images)``; bad files raise :class:`ConfigError` on ``field``."""
+    from softmask.data.json_dataset import CaptionJsonDataset, CaptionJsonError
+
+    if not os.path.isfile(path):
+        raise ConfigError(field, path, "no such file (expected a caption JSON file: a list of "
+                                       "{\"image\": path, \"caption\": text or [texts]})")
+    if image_root is not None and not os.path.isdir(image_root):
+        root_field = "image_root" if field == "data" else "test_image_root"
+        raise ConfigError(root_field, image_root, "no such directory (expected the folder the JSON's image paths "
+                                                  "are relative to)")
+    try:
+        ds = CaptionJsonDataset(path, image_root=image_root, transform=transform)
+    except CaptionJsonError as e:
+        raise ConfigError(field, path, e.detail) from None
+    n_images = len(ds.image_paths)
+    if n_images == 0:
+        raise ConfigError(field, path, "the JSON list is empty (expected at least one {\"image\", \"caption\"} "
+                                       "entry)")
+    ds, dropped = ds.drop_missing(open_images=open_images)
+    if len(ds.image_paths) == 0:
+        what = "missing or unreadable" if open_images else "missing"
+        raise ConfigError(field, path, f"no images left: all {n_images} images are {what} (first: {dropped[0]}); "
+                                       f"expected image files at the entries' paths, relative to "
+                                       f"{'--image-root' if field == 'data' else '--test-image-root'} or else to "
+                                       f"the JSON file's folder")
+    return ds, dropped, n_images
+
+
+def check_test_json(field: str, path: str, image_root: Optional[str]) -> list:
+    """Check a caption JSON that a run is evaluated on: it exists, parses, and at least one of its images
+    exists and has a header PIL can identify. Returns lines about the images dropped (for the log)."""
+    _, dropped, n = _load_json_set(field, path, image_root, None, open_images=True)
+    return [_dropped_note(field, path, dropped, n)] if dropped else []
+
+
+def _dropped_note(field: str, path: str, dropped: list, n: int) -> str:
+    flag = "--" + field.replace("_", "-")
+    return (f"{flag} {path}: {len(dropped)} of {n} images are missing or unreadable and were left out "
+            f"(first: {dropped[0]})")
+
+
+def _holdout_ids(names: list, k: int) -> list:
+    """The ``k`` image ids whose names hash lowest (SHA-1 of the path as written in the JSON)."""
+    keyed = sorted(range(len(names)), key=lambda i: (hashlib.sha1(names[i].encode("utf-8")).hexdigest(), i))
+    return sorted(keyed[:k])
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg, image_size: int, out: str, *, write: bool = True) -> PreparedData:
+    """The training set and the evaluation set of the run ``cfg`` (a ``TrainConfig``), checked before
+    training: a missing or malformed JSON, a JSON whose images are all missing, a test set without
+    readable images, raise :class:`ConfigError` naming the setting. Missing training images are dropped
+    here (unreadable ones are dropped when they are read). ``write``: write ``<out>/heldout.json`` when
+    images are held out (the rank-0 process)."""
+    from softmask.data import build_dataset, image_transform
+
+    notes = []
+    transform = image_transform(image_size, True, cfg.image_aug)
+    if cfg.test_data is not None:
+        notes += check_test_json("test_data", cfg.test_data, cfg.test_image_root)
+    if cfg.data == "shapes":
+        ds = build_dataset("shapes", "train", image_size, train=True, seed=cfg.seed, size=cfg.train_size,
+                           distort=cfg.image_aug)
+        if cfg.test_data is not None:
+            return PreparedData(ds, cfg.test_data, _root_of(cfg.test_data, cfg.test_image_root), "test", notes)
+        return PreparedData(ds, None, None, "shapes_test", notes)
+
+    ds, dropped, n_images = _load_json_set("data", cfg.data, cfg.image_root, transform, open_images=False)
+    if dropped:
+        notes.append(_dropped_note("data", cfg.data, dropped, n_images))
+    if cfg.test_data is not None:
+        return PreparedData(ds, cfg.test_data, _root_of(cfg.test_data, cfg.test_image_root), "test", notes)
+    n = len(ds.image_paths)
+    k = min(cfg.holdout, n // 10)
+    if cfg.holdout > 0 and n >= _HOLDOUT_MIN_IMAGES and k >= 2:
+        held = _holdout_ids(ds.image_names, k)
+        held_set = set(held)
+        test = ds.subset(held)
+        ds = ds.subset(i for i in range(n) if i not in held_set)
+        path = os.path.join(out, HOLDOUT_FILE)
+        if write:
+            _write_json_atomic(path, test.entries(absolute=True))
+        notes.append(f"no --test-data: {k} of the {n} images of --data {cfg.data} (with their {len(test)} captions) "
+                     f"are held out for evaluation and not trained on; they are listed in {path} (--holdout N "
+                     f"sets how many, --holdout 0 trains on all of them)")
+        return PreparedData(ds, path, os.path.dirname(os.path.abspath(path)), "heldout", notes)
+    why = "--holdout 0" if cfg.holdout == 0 else f"only {n} image(s), fewer than {_HOLDOUT_MIN_IMAGES} to hold out from"
+    notes.append(f"no --test-data and {why}: retrieval is evaluated on the training data ({cfg.data}); those "
+                 f"numbers measure how well the training pairs were fit, not how the model generalizes "
+                 f"(eval.json says \"eval_on_training_data\": true). Give --test-data PATH.json for held-out numbers")
+    return PreparedData(ds, cfg.data, _root_of(cfg.data, cfg.image_root), "train", notes)
+
+
+def _root_of(json_path: str, image_root: Optional[str]) -> str:
+    """The folder a JSON's relative image paths are read from (``image_root``, else the JSON's folder)."""
+    return image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
+
+
+def eval_target(run_train_cfg: dict, run_dir: str) -> tuple:
+    """``(data, image_root, split)`` that a finished run is evaluated on by default: its ``test_data``,
+    else the images held out of its training JSON (``<run_dir>/heldout.json``), else its training data
+    (``"shapes"``: the shapes held-out split)."""
+    test = run_train_cfg.get("test_data")
+    if test:
+        return test, _root_of(test, run_train_cfg.get("test_image_root")), "test"
+    data = run_train_cfg.get("data", "shapes")
+    if data == "shapes":
+        return "shapes", None, "shapes_test"
+    held = os.path.join(run_dir, HOLDOUT_FILE)
+    if os.path.isfile(held):
+        return held, os.path.dirname(os.path.abspath(held)), "heldout"
+    return data, _root_of(data, run_train_cfg.get("image_root")), "train"
+
+
+def annotate_eval(eval_json: str, data: str, split: str) -> dict:
+    """Add what the numbers of ``eval_json`` were computed on: ``eval_data`` (the data set),
+    ``eval_split`` (``"test"``, ``"heldout"``, ``"train"``, ``"shapes_test"`` or ``"given"``) and
+    ``eval_on_training_data``. Rewrites the file atomically; returns the annotated results."""
+    with open(eval_json, encoding="utf-8") as f:
+        res = json.load(f)
+    res.update(eval_data=data, eval_split=split, eval_on_training_data=split == "train")
+    _write_json_atomic(eval_json, res)
+    return res
+
+
+def print_notes(notes, prog: str = "softmask-pretrain") -> None:
+    for line in notes:
+        print(f"{prog}: {line}", file=sys.stderr)

@@ -3,8 +3,11 @@
 :func:`train` runs :class:`TrainConfig`; ``softmask-pretrain`` (see
 :mod:`softmask.train.__main__`) is its command line. Outputs under ``out``:
 ``config.json``, ``metrics.jsonl`` (one JSON object per logged step),
-``checkpoints/`` (see :mod:`softmask.train.checkpoint`), ``tokenizer/``, and at
-the end ``eval.json`` and ``plots/`` (unless ``run_eval`` is False).
+``checkpoints/`` (see :mod:`softmask.train.checkpoint`), ``tokenizer/``, ``heldout.json``
+when images of a JSON training set are held out for evaluation (see
+:mod:`softmask.train.data`), and at the end ``eval.json`` and ``plots/`` (unless
+``run_eval`` is False). ``config.json`` holds the run's settings (``"train"``, which
+``softmask-pretrain --config`` replays), the model's and ``total_steps``.
 
 Reproducibility: the global RNGs are reseeded at every step from
 ``(seed, step, rank)`` and the data order is a function of ``(seed, cursor)``
@@ -16,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
+import re
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -30,9 +36,11 @@ import torch.distributed as dist
 from softmask.model import SoftMaskALBEF, model_preset
 from softmask.model.pretrained import load_pretrained
 from softmask.train.checkpoint import (
+    CheckpointError,
     NoCheckpointError,
     holds_run,
     latest_checkpoint,
+    load_checkpoint_config,
     load_model_weights,
     load_train_state,
     remove_stale,
@@ -40,9 +48,19 @@ from softmask.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from softmask.train.data import batch_stream, mix_seed
+from softmask.train.data import (
+    NO_VALUE,
+    ConfigError,
+    EpochBatches,
+    annotate_eval,
+    batch_stream,
+    mix_seed,
+    prepare_data,
+    print_notes,
+)
 
-__all__ = ["TrainConfig", "train", "NonFiniteLossError", "build_model", "LOSS_TERMS"]
+__all__ = ["TrainConfig", "train", "NonFiniteLossError", "ConfigError", "build_model", "LOSS_TERMS",
+           "load_config_file", "config_differences", "check_device", "RUNTIME_FIELDS"]
 
 LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
 
@@ -51,20 +69,36 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; the run stopped before the optimizer step."""
 
 
+# Fields that change how a run is executed, logged or evaluated, not what it computes: a resumed run may
+# change them (``vit_checkpoint`` / ``bert_dir`` only initialize the weights, which a resume overwrites).
+RUNTIME_FIELDS = ("out", "resume", "run_eval", "progress", "device", "num_workers", "threads", "log_every",
+                  "save_every", "pointing_every", "pointing_size", "test_data", "test_image_root", "eval_k",
+                  "test_size", "vit_checkpoint", "bert_dir")
+
+
 @dataclass
 class TrainConfig:
-    """Everything one pretraining run needs (the command line's flags map onto these fields).
+    """Everything one pretraining run needs (the command line's flags map onto these fields; a
+    config file, ``softmask-pretrain --config FILE``, can set any of them: :func:`load_config_file`).
 
     The defaults are the project's main job: ``tiny`` on 16,384 synthetic shapes pairs, 800
     steps of 48 pairs (about 5.5 minutes of training on an idle 2-core CPU), then evaluation on
-    the 256 held-out pairs. Model fields left at None keep the preset's value.
+    the 256 held-out pairs. Model fields left at None keep the preset's value. ``epochs``, when
+    set, replaces ``steps``: the run takes ``epochs`` passes over the training set. Every field is
+    checked on construction (type and range); a bad one raises :class:`ConfigError` naming it.
     """
 
     preset: str = "tiny"
     data: str = "shapes"
     image_root: Optional[str] = None
+    # held-out evaluation set (caption JSON); without it, a JSON training set gives ``holdout`` images to
+    # evaluation (see softmask.train.data)
+    test_data: Optional[str] = None
+    test_image_root: Optional[str] = None
+    holdout: int = 1000
     tokenizer: Optional[str] = None  # None/"shapes": the shapes WordPiece tokenizer; else a local HF directory
     steps: int = 800
+    epochs: Optional[int] = None  # passes over the training set; replaces ``steps`` when set
     batch_size: int = 48
     lr: float = 5e-4
     min_lr_ratio: float = 0.02
@@ -115,18 +149,45 @@ class TrainConfig:
     pointing_size: int = 64
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if self.preset not in ("tiny", "base"):
+            raise ConfigError("preset", self.preset, "expected 'tiny' or 'base'")
         if self.impl not in ("fused", "reference"):
-            raise ValueError(f"impl: expected 'fused' or 'reference', got {self.impl!r}")
-        for name in ("pointing_every", "pointing_size"):
+            raise ConfigError("impl", self.impl, "expected 'fused' or 'reference'")
+        if self.data != "shapes" and not self.data.lower().endswith(".json"):
+            raise ConfigError("data", self.data, "expected 'shapes' or a caption JSON file (a path ending in .json)")
+        if self.test_data is not None and not self.test_data.lower().endswith(".json"):
+            raise ConfigError("test_data", self.test_data, "expected a caption JSON file (a path ending in .json)")
+        for name in ("pointing_every", "pointing_size", "num_workers", "warmup_steps", "seed", "holdout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "expected a non-negative integer")
+        for name in ("steps", "log_every", "save_every", "eval_k", "epochs", "train_size", "test_size", "threads",
+                     "alpha_ramp_steps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
-        for name in ("steps", "batch_size", "log_every", "save_every"):
+            if v is not None and v < 1:
+                raise ConfigError(name, v, "expected a positive integer")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size", self.batch_size, "expected an integer >= 2 (every pair's hard ITM "
+                                                             "negative is another pair of its batch)")
+        if self.max_len < 3:
+            raise ConfigError("max_len", self.max_len, "expected an integer >= 3 ([CLS], a word and [SEP])")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError("lr", self.lr, "expected a finite number > 0")
+        for name in ("weight_decay", "grad_clip", "temp_lr_scale"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(name, v, "expected a finite number >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "expected a number in [0, 1]")
+        over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
+        try:
+            model_preset(self.preset, **over)
+        except ValueError as e:  # ModelConfig's messages start with the field's name
+            m = re.match(r"(\w+)[: ]\s*(.*)", str(e))
+            name = m.group(1) if m and m.group(1) in over else "preset"
+            raise ConfigError(name, over.get(name, self.preset), m.group(2) if m and name in over else str(e)) from None
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
@@ -146,6 +207,144 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_type(name: str, value, hint) -> None:
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is typing.Union and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        raise ConfigError(name, value, f"expected {_TYPE_WORDS.get(base, base.__name__)}"
+                                       f"{' or null' if optional else ''}, got {type(value).__name__}")
+
+
+# Top-level keys of a run's own ``config.json`` besides ``"train"`` (derived from it; ignored when replayed).
+_RUN_CONFIG_KEYS = ("model", "tokenizer_dir", "world_size", "total_steps")
+
+
+def load_config_file(path: str) -> dict:
+    """The TrainConfig fields a config file sets (``{field: value}``, not yet validated: construct a
+    :class:`TrainConfig` with them).
+
+    ``path`` is JSON (``.json``) or YAML (``.yaml`` / ``.yml``, needs PyYAML). The file is a mapping of
+    TrainConfig fields, or a run's own ``config.json`` (its ``"train"`` mapping is used, so the file
+    replays the run). Keys that start with ``_`` are comments. In YAML, a number written as a string
+    (PyYAML reads ``1e-4`` as one) is accepted for a number field.
+
+    Raises:
+        ConfigError (field ``config``): the file is missing, unreadable, not a mapping, has an unknown
+            key (named, with the closest field), or is YAML without PyYAML.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".yaml", ".yml"):
+        raise ConfigError("config", path, "expected a .json, .yaml or .yml file")
+    if not os.path.isfile(path):
+        raise ConfigError("config", path, "no such file (expected a JSON or YAML file of TrainConfig fields)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("config", path, f"not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("config", path, "YAML config files need PyYAML, which is not installed here "
+                                              "(pip install pyyaml), or write the file as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("config", path, f"not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", path, f"expected a mapping of TrainConfig fields, got {type(data).__name__}")
+    if isinstance(data.get("train"), dict):  # a run's own config.json
+        extra = [k for k in data if k != "train" and k not in _RUN_CONFIG_KEYS and not str(k).startswith("_")]
+        if extra:
+            raise ConfigError("config", path, f"unknown top-level key {extra[0]!r} in a run config (expected "
+                                              f"'train' and {', '.join(repr(k) for k in _RUN_CONFIG_KEYS)})")
+        data = data["train"]
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in data.items():
+        if str(key).startswith("_"):
+            continue
+        if key not in hints or key == "MODEL_OVERRIDES":
+            close = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(TrainConfig)], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError("config", path, f"unknown key {key!r} (expected TrainConfig fields{hint})")
+        base = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
+        if base[0] is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def config_differences(cfg: "TrainConfig", saved: dict) -> list:
+    """``[(field, saved_value, value), ...]`` for the fields that change what a run computes
+    (all but :data:`RUNTIME_FIELDS`) on which ``cfg`` differs from ``saved`` (a checkpoint's
+    ``"train"`` settings; fields it lacks, from older versions, count as their defaults). ``steps``
+    is ignored when both use ``epochs``."""
+    defaults = TrainConfig().to_dict()
+    now = cfg.to_dict()
+    diffs = []
+    for name, value in now.items():
+        if name in RUNTIME_FIELDS:
+            continue
+        if name == "steps" and now.get("epochs") is not None and saved.get("epochs") is not None:
+            continue
+        old = saved.get(name, defaults[name])
+        if old != value:
+            diffs.append((name, old, value))
+    return diffs
+
+
+def check_device(spec: Optional[str], field: str = "device") -> torch.device:
+    """``torch.device(spec)`` (None: cpu) after checking that it exists on this machine.
+
+    Raises:
+        ConfigError: not a device string, or its backend (CUDA, MPS, XPU, ...) is not available here,
+            or the index is beyond the devices present.
+    """
+    if spec is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(field, spec, "not a device; expected cpu, cuda, cuda:N or another torch device "
+                                       "available here") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        what = "CUDA is not available on this machine (torch.cuda.is_available() is False)" if device.type == "cuda" \
+            else f"no {device.type} device is available on this machine"
+        raise ConfigError(field, spec, f"{what}; expected cpu or an available device")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ConfigError(field, spec, f"this machine has {count()} {device.type} device(s); expected an index below "
+                                       f"{count()}")
+    return device
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> SoftMaskALBEF:
@@ -193,10 +392,7 @@ def _setup_distributed(device_arg: Optional[str]):
     """Initialize the process group under torchrun (WORLD_SIZE > 1). Returns the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        device = torch.device(device_arg)
-    else:
-        device = torch.device("cpu")
+    device = check_device(device_arg)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
@@ -304,10 +500,45 @@ def _trim_padding(batch: dict) -> dict:
     return {**batch, "input_ids": batch["input_ids"][:, :L], "attention_mask": batch["attention_mask"][:, :L]}
 
 
+def _resume_checkpoint(cfg: TrainConfig, out: str, is_main: bool) -> Optional[str]:
+    """The checkpoint ``--resume`` continues from (None: no run in ``out``), after checking that its
+    settings equal ``cfg``'s (:func:`config_differences`)."""
+    ckpt = latest_checkpoint(out, warn=is_main)
+    if ckpt is None:
+        if holds_run(out):
+            raise NoCheckpointError(
+                f"--resume: {out} holds a run (metrics.jsonl or checkpoints/) but no loadable checkpoint (expected "
+                f"{out}/checkpoints/step_* with model.safetensors, train_state.pt and config.json); not starting "
+                f"over on top of it. Remove the directory, or use another --out, to start a new run")
+        if is_main:
+            print(f"softmask-pretrain: --resume: no run in {out}, starting from step 0", file=sys.stderr)
+        return None
+    try:
+        saved = load_checkpoint_config(ckpt)["train"]
+    except CheckpointError as e:
+        raise ConfigError("resume", NO_VALUE, str(e)) from None
+    diffs = config_differences(cfg, saved)
+    if diffs:
+        what = "; ".join(f"{k}: {_fmt(old)} in the checkpoint, {_fmt(new)} now" for k, old, new in diffs)
+        raise ConfigError("resume", NO_VALUE,
+                          f"the settings differ from those of the checkpoint {ckpt} ({what}); expected the run's own "
+                          f"settings (leave these out, or pass --config {os.path.join(out, 'config.json')}), or "
+                          f"another --out for a new run")
+    return ckpt
+
+
+def _fmt(v) -> str:
+    return json.dumps(v) if isinstance(v, (str, bool)) or v is None else repr(v)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the pretraining described by ``cfg``. Returns a summary dict
-    (``out``, ``steps``, ``last_losses``, ``eval`` when evaluated, ``wall_s``)."""
-    from softmask.data import build_dataset, candidate_word_mask, Collator, get_tokenizer, mask_tokens
+    (``out``, ``steps``, ``last_losses``, ``eval`` when evaluated, ``wall_s``).
+
+    Raises :class:`ConfigError` (a ValueError naming the setting) for settings that cannot work here: an
+    unavailable device, a data or test set that is missing, malformed or without readable images, a
+    ``resume`` whose checkpoint has other settings or cannot be loaded."""
+    from softmask.data import candidate_word_mask, Collator, get_tokenizer, mask_tokens
 
     t_start = time.time()
     device = _setup_distributed(cfg.device)
@@ -322,15 +553,17 @@ def train(cfg: TrainConfig) -> dict:
         if stale:
             print(f"softmask-pretrain: removed {len(stale)} leftover(s) of interrupted checkpoint saves in "
                   f"{out}/checkpoints: {', '.join(stale)}", file=sys.stderr)
-    ckpt = latest_checkpoint(out, warn=is_main) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        if holds_run(out):
-            raise NoCheckpointError(
-                f"--resume: {out} holds a run (metrics.jsonl or checkpoints/) but no loadable checkpoint (expected "
-                f"{out}/checkpoints/step_* with model.safetensors, train_state.pt and config.json); not starting "
-                f"over on top of it. Remove the directory, or use another --out, to start a new run")
-        if is_main:
-            print(f"softmask-pretrain: --resume: no run in {out}, starting from step 0", file=sys.stderr)
+    ckpt = _resume_checkpoint(cfg, out, is_main) if cfg.resume else None
+
+    over = {k: getattr(cfg, k) for k in cfg.MODEL_OVERRIDES if getattr(cfg, k) is not None}
+    prepared = prepare_data(cfg, model_preset(cfg.preset, **over).image_size, out, write=is_main)
+    dataset = prepared.train
+    per_epoch = EpochBatches.per_epoch(len(dataset), cfg.batch_size, world)
+    if per_epoch == 0:
+        raise ConfigError("batch_size", cfg.batch_size,
+                          f"expected at most {len(dataset) // world} (the training set has {len(dataset)} pairs"
+                          f"{f' for {world} processes' if world > 1 else ''}; one batch must fit in it)")
+    total_steps = cfg.steps if cfg.epochs is None else cfg.epochs * per_epoch
 
     tokenizer = get_tokenizer(cfg.tokenizer)
     tok_dir = os.path.join(out, "tokenizer")
@@ -340,22 +573,27 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer.save_pretrained(tok_dir)
         _write_json_atomic(os.path.join(out, "config.json"),
                            {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "tokenizer",
-                            "world_size": world})
+                            "world_size": world, "total_steps": total_steps})
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.lr, cfg.temp_lr_scale), lr=cfg.lr,
                                   betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
     step, cursor, num_dropped = 0, 0, 0
     if ckpt is not None:
-        load_model_weights(model, ckpt)
-        state = load_train_state(ckpt)
+        try:
+            load_model_weights(model, ckpt)
+            state = load_train_state(ckpt)
+        except CheckpointError as e:
+            raise ConfigError("resume", NO_VALUE, f"{e}. Not resumed") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, cursor, num_dropped = state["step"], state["cursor"], state.get("num_dropped", 0)
         set_rng_state(state["rng"])
         if is_main:
             print(f"softmask-pretrain: resumed from {ckpt} (step {step})", file=sys.stderr)
+    if is_main:  # after every check that can stop the run: an error is the only line of a run that fails
+        print_notes(prepared.notes)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if is_main:
         if ckpt is not None:
@@ -369,12 +607,11 @@ def train(cfg: TrainConfig) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
 
-    dataset = build_dataset(cfg.data, "train", mcfg.image_size, train=True, image_root=cfg.image_root,
-                            seed=cfg.seed, size=cfg.train_size if cfg.data == "shapes" else None,
-                            distort=cfg.image_aug)
     collate = Collator(tokenizer, cfg.max_len)
     watch = None  # fixed held-out subset for the pointing game during training (shapes data only)
     if is_main and cfg.pointing_every > 0 and cfg.pointing_size > 0 and cfg.data == "shapes":
+        from softmask.data import build_dataset
+
         watch = build_dataset("shapes", "test", mcfg.image_size, train=False, seed=cfg.seed, size=cfg.pointing_size)
 
     def watch_grounding():
@@ -385,7 +622,7 @@ def train(cfg: TrainConfig) -> dict:
 
     stream = batch_stream(dataset, collate, batch_size=cfg.batch_size, seed=cfg.seed, cursor=cursor, rank=rank,
                           world=world, num_workers=cfg.num_workers)
-    ramp = cfg.alpha_ramp_steps if cfg.alpha_ramp_steps is not None else max(1, cfg.steps // 5)
+    ramp = cfg.alpha_ramp_steps if cfg.alpha_ramp_steps is not None else max(1, total_steps // 5)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
@@ -393,25 +630,38 @@ def train(cfg: TrainConfig) -> dict:
         return {"step": step, "cursor": cursor, "num_dropped": num_dropped, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "world_size": world}
 
-    config_dict = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "../../tokenizer"}
+    config_dict = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "../../tokenizer",
+                   "total_steps": total_steps}
     bar = None
     if is_main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True)
     last, window_t, window_n = {}, time.time(), 0
     guard = _ThreadGuard(enabled=cfg.threads is None and device.type == "cpu" and world == 1)
     model.train()
-    if watch is not None and step == 0 and cfg.steps >= cfg.pointing_every:
+    if watch is not None and step == 0 and total_steps >= cfg.pointing_every:
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": 0, **watch_grounding()}) + "\n")
-    while step < cfg.steps:
+    skipped = 0  # consecutive batches without two usable pairs
+    while step < total_steps:
         t_step = time.perf_counter()
         c, batch = next(stream)
         cursor = c + 1
-        if batch is None:
-            num_dropped += cfg.batch_size
+        usable = torch.tensor([float(batch is not None and batch["image"].shape[0] >= 2)])
+        if world > 1:  # every rank skips the same steps (a lone skip would leave the others waiting)
+            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if usable.item() < 1:  # every image of the batch unreadable, or one pair left: no hard negative
+            num_dropped += cfg.batch_size if batch is None else batch["num_dropped"] + batch["image"].shape[0]
+            skipped += 1
+            if skipped >= per_epoch:
+                if bar is not None:
+                    bar.close()
+                raise ConfigError("data", cfg.data, f"no batch of a whole epoch ({per_epoch} batches) had two "
+                                                    f"readable images; expected image files that PIL can decode "
+                                                    f"(see the warnings above for the files and the reasons)")
             continue
+        skipped = 0
         num_dropped += batch["num_dropped"]
         batch = _trim_padding(batch)
         torch.manual_seed(mix_seed(cfg.seed, step, rank, 3))
@@ -456,7 +706,7 @@ def train(cfg: TrainConfig) -> dict:
         guard.observe(time.perf_counter() - t_step)
 
         pointing_now = watch is not None and step % cfg.pointing_every == 0
-        if step % cfg.log_every == 0 or step == cfg.steps or pointing_now:
+        if step % cfg.log_every == 0 or step == total_steps or pointing_now:
             vals = terms.tolist()
             now = time.time()
             row = {"step": step, "loss": float(losses["loss"].detach()),
@@ -476,7 +726,7 @@ def train(cfg: TrainConfig) -> dict:
                                     sm=f"{vals[2]:.3f}", mlm=f"{vals[3]:.3f}", sps=f"{row['samples_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == total_steps:
             if is_main:
                 save_checkpoint(out, step, model, train_state(), config_dict)
             if world > 1:
@@ -492,7 +742,12 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.run_eval and is_main:
         from softmask.eval.evaluate import evaluate_run
 
-        summary["eval"] = evaluate_run(out, device=device, model=model, tokenizer=tokenizer, k=cfg.eval_k,
-                                       test_size=cfg.test_size, image_root=cfg.image_root)
+        if prepared.eval_split == "train":
+            print_notes([f"evaluating on the training data ({cfg.data}), not on held-out data: the retrieval numbers "
+                         f"measure fit (eval.json: \"eval_on_training_data\": true)"])
+        evaluate_run(out, device=device, model=model, tokenizer=tokenizer, k=cfg.eval_k, test_size=cfg.test_size,
+                     data=prepared.eval_data, image_root=prepared.eval_image_root)
+        summary["eval"] = annotate_eval(os.path.join(out, "eval.json"), prepared.eval_data or cfg.data,
+                                        prepared.eval_split)
     summary["wall_s"] = time.time() - t_start
     return summary
