@@ -366,9 +366,12 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
 
 def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF] = None, tokenizer=None,
                  k: int = 16, test_size: Optional[int] = None, image_root: Optional[str] = None,
-                 data: Optional[str] = None, plots: bool = True, out_dir: Optional[str] = None) -> dict:
+                 data: Optional[str] = None, plots: bool = True, out_dir: Optional[str] = None,
+                 extra: Optional[dict] = None) -> dict:
     """Evaluate a run directory (or checkpoint directory); writes ``eval.json`` and ``plots/`` into
-    ``out_dir`` (default: the run directory). Pass ``model``/``tokenizer`` to skip loading."""
+    ``out_dir`` (default: the run directory; created if needed). Pass ``model``/``tokenizer`` to skip
+    loading. ``image_root`` defaults to the run's only when ``data`` is the run's own data set.
+    ``extra`` entries are added to the result (and to ``eval.json``)."""
     from softmask.data import build_dataset
     from softmask.eval.plots import plot_loss_curves
 
@@ -383,8 +386,9 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     spec = data or tcfg["data"]
     if out_dir is None:
         out_dir = checkpoint if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")) else ckpt
-    ds = build_dataset(spec, "test", model.cfg.image_size, train=False,
-                       image_root=image_root if image_root is not None else tcfg.get("image_root"),
+    if image_root is None and spec == tcfg["data"]:
+        image_root = tcfg.get("image_root")
+    ds = build_dataset(spec, "test", model.cfg.image_size, train=False, image_root=image_root,
                        seed=tcfg["seed"], size=test_size if spec == "shapes" else None)
     plot_dir = os.path.join(out_dir, "plots")
     res = evaluate(model, tokenizer, ds, k=k, device=device,
@@ -392,10 +396,12 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
                    soft_masks_png=os.path.join(plot_dir, "soft_masks.png") if plots else None)
     res["checkpoint"] = os.path.abspath(ckpt)
     res["data"] = spec
+    res.update(extra or {})
     run_dir = checkpoint if latest_checkpoint(checkpoint) != checkpoint else os.path.dirname(os.path.dirname(ckpt))
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if plots and os.path.exists(metrics):
         plot_loss_curves(metrics, os.path.join(plot_dir, "loss_curves.png"))
+    os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".eval.json.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(res, f, indent=2)

@@ -148,6 +148,14 @@ class SoftMaskALBEF(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # the positive id of every queue slot (ALBEF's idx_queue); -100: empty, or written without ids
+        self.register_buffer("idx_queue", torch.full((cfg.queue_size,), -100, dtype=torch.long))
+        self._register_load_state_dict_pre_hook(self._fill_missing_idx_queue)
+
+    def _fill_missing_idx_queue(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the id queue existed: every slot unknown (-100 matches nothing)
+        if prefix + "image_queue" in state_dict and prefix + "idx_queue" not in state_dict:
+            state_dict[prefix + "idx_queue"] = torch.full_like(self.idx_queue, -100)
 
     # ------------------------------------------------------------------ parameter groups
 
@@ -189,19 +197,23 @@ class SoftMaskALBEF(nn.Module):
         torch._foreach_add_(mom, online, alpha=1.0 - self.cfg.momentum)
 
     @torch.no_grad()
-    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
-        """Write the (all-gathered) momentum features ``[B, D]`` into the ring queues."""
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
+        """Write the (all-gathered) momentum features ``[B, D]`` and positive ids ``[B]`` (None: -100,
+        unknown) into the ring queues."""
         Q = self.cfg.queue_size
         if Q == 0:
             return
-        img, txt = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m)
+        if ids is None:
+            ids = torch.full((image_feat_m.shape[0],), -100, dtype=torch.long, device=image_feat_m.device)
+        img, txt, pid = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m), all_gather_nograd(ids)
         n = img.shape[0]
         if n >= Q:
-            img, txt, n = img[-Q:], txt[-Q:], Q
+            img, txt, pid, n = img[-Q:], txt[-Q:], pid[-Q:], Q
         ptr = int(self.queue_ptr)
         idx = (torch.arange(n, device=img.device) + ptr) % Q
         self.image_queue[idx] = img.to(self.image_queue.dtype)
         self.text_queue[idx] = txt.to(self.text_queue.dtype)
+        self.idx_queue[idx] = pid.to(self.idx_queue.dtype)
         self.queue_ptr.fill_((ptr + n) % Q)
 
     # ------------------------------------------------------------------ encoders
@@ -246,6 +258,32 @@ class SoftMaskALBEF(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
+    @torch.no_grad()
+    def hard_negatives(self, image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids=None):
+        """In-batch ITM hard negatives ``(neg_text [B], neg_image [B])``: a text per image and an image per
+        text, drawn from the softmax of the ITC similarities (ALBEF). Never the pair itself, never a pair
+        with an identical caption (``exclude_same_caption_negatives``), never a pair with the same
+        ``ids`` (false negatives in retrieval fine-tuning). A row left with no allowed pair (e.g. every
+        pair of the batch shares one id) falls back to any other pair of the batch."""
+        B = image_feat.shape[0]
+        eye = torch.eye(B, dtype=torch.bool, device=image_feat.device)
+        temp = self.temp.detach().float()
+        w_i2t = torch.softmax(image_feat.detach() @ text_feat_m.t() / temp, dim=1)  # (B, B)
+        w_t2i = torch.softmax(text_feat.detach() @ image_feat_m.t() / temp, dim=1)  # (B, B)
+        allowed = ~eye
+        if self.cfg.exclude_same_caption_negatives:
+            same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (B, B)
+            allowed &= ~same
+        if ids is not None:  # a pair with the same id is a positive, never a negative
+            allowed &= ids[:, None] != ids[None, :]
+        empty = ~allowed.any(1, keepdim=True)
+        allowed = torch.where(empty, ~eye, allowed)
+        w_i2t = torch.where(allowed, w_i2t + 1e-5, torch.zeros_like(w_i2t))
+        w_t2i = torch.where(allowed, w_t2i + 1e-5, torch.zeros_like(w_t2i))
+        neg_text = torch.multinomial(w_i2t, 1).squeeze(1)
+        neg_image = torch.multinomial(w_t2i, 1).squeeze(1)
+        return neg_text, neg_image
+
     def forward(
         self,
         image: torch.Tensor,
@@ -256,11 +294,24 @@ class SoftMaskALBEF(nn.Module):
         mlm_labels: torch.Tensor,
         word_candidates: Optional[torch.Tensor] = None,
         alpha: float = 0.0,
+        ids: Optional[torch.Tensor] = None,
     ) -> dict:
         """All losses of one step: ``{"loss", "loss_itc", "loss_itm", "loss_softmask", "loss_mlm"}``
-        (0-dim tensors; ``loss`` is the weighted sum), plus ``"mask_mean"`` (detached)."""
+        (0-dim tensors; ``loss`` is the weighted sum), plus ``"mask_mean"`` (detached).
+
+        ``ids`` (``[B]`` int64, optional; ALBEF's retrieval fine-tuning): the positive id of each pair,
+        e.g. its image id. ITC then counts every key with the same id (batch and id queue) as a
+        positive, ITM hard negatives are drawn only among pairs with a different id, and the ids
+        enter the id queue. Without ids a pair's only positive is itself (pretraining)."""
         cfg = self.cfg
         B = image.shape[0]
+        if B < 2:
+            raise ValueError(f"image: expected a batch of at least 2 pairs (ITM draws its negatives in the batch), got {B}")
+        if ids is not None:
+            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or tuple(ids.shape) != (B,):
+                got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise ValueError(f"ids: expected an int64 tensor of shape ({B},), got {got}")
+            ids = ids.to(image.device)
         with torch.no_grad():
             self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
 
@@ -282,8 +333,9 @@ class SoftMaskALBEF(nn.Module):
         loss_itc = softmask.focal_itc_loss(
             image_feat, text_feat, self.temp, gamma=cfg.gamma, image_keys=image_keys, text_keys=text_keys,
             image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=float(alpha), backend=cfg.op_backend,
+            ids=ids, key_ids=None if ids is None else (ids, self.idx_queue),
         )
-        self.enqueue(image_feat_m, text_feat_m)
+        self.enqueue(image_feat_m, text_feat_m, ids)
 
         # ---------------------------------------------------------------- ITM positives (+ Grad-CAM inputs)
         if cfg.softmask:
@@ -294,21 +346,7 @@ class SoftMaskALBEF(nn.Module):
             pos_logits, fused_pos, _ = self.itm_logits(text_embeds, attention_mask, image_embeds)
 
         # ---------------------------------------------------------------- ITM hard negatives
-        with torch.no_grad():
-            temp = self.temp.detach().float()
-            w_i2t = torch.softmax(image_feat @ text_feat_m.t() / temp, dim=1)  # (B, B)
-            w_t2i = torch.softmax(text_feat @ image_feat_m.t() / temp, dim=1)  # (B, B)
-            allowed = ~torch.eye(B, dtype=torch.bool, device=image.device)
-            if cfg.exclude_same_caption_negatives:
-                same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (B, B)
-                allowed &= ~same
-            # a row with no allowed negative falls back to any other pair
-            empty = ~allowed.any(1, keepdim=True)
-            allowed = torch.where(empty, ~torch.eye(B, dtype=torch.bool, device=image.device), allowed)
-            w_i2t = torch.where(allowed, w_i2t + 1e-5, torch.zeros_like(w_i2t))
-            w_t2i = torch.where(allowed, w_t2i + 1e-5, torch.zeros_like(w_t2i))
-            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)  # (B,) a hard negative text per image
-            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)  # (B,) a hard negative image per text
+        neg_text, neg_image = self.hard_negatives(image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids)
         text_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)  # (2B, L, hidden)
         mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)
         image_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)  # (2B, N, Dv)
