@@ -8,6 +8,8 @@ live at once), ``reference`` (``softmask.reference``, materialized, autograd).
 
 from __future__ import annotations
 
+import threading
+
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -44,14 +46,51 @@ TORCH_BLOCK_ELEMS = 1 << 22
 
 
 def _focal_terms_torch(l: Tensor, p: Tensor, gamma: float) -> Tuple[Tensor, Tensor]:
-    """``t = (1-p)^gamma`` and ``g = t (1 - gamma p l / (1-p))`` without inf/NaN at p -> 1."""
-    om = -torch.expm1(l)
-    pos = om > 0
-    safe = torch.where(pos, om, torch.ones_like(om))
-    t = torch.where(pos, safe.pow(gamma), torch.full_like(om, 1.0 if gamma == 0 else 0.0))
-    ratio = torch.where(pos, l / safe, torch.full_like(om, -1.0))
-    g = t * (1.0 - gamma * p * ratio)
+    """``t = (1-p)^gamma`` and ``g = t (1 - gamma p l / (1-p))`` without inf/NaN at p -> 1.
+
+    ``1 - p = -expm1(l)`` is exact to the last bit as p -> 1 and is 0 only where l = 0
+    exactly; there ``t = 0^gamma`` (1 for gamma = 0, else 0) and the ratio l / (1-p), whose
+    limit is -1, is taken as 0 instead (l / tiny): g = t either way, because t = 0 unless
+    gamma = 0, where the ratio's factor gamma is 0. No select, one buffer per output."""
+    om = torch.expm1(l).neg_()  # 1 - p >= 0
+    t = om * om if gamma == 2.0 else om.pow(gamma)
+    g = l / om.clamp_min_(torch.finfo(om.dtype).tiny)  # the ratio l / (1 - p)
+    g.mul_(p).mul_(-gamma).add_(1.0).mul_(t)
     return t, g
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch tensor of ``shape``. On the CPU one buffer per thread and dtype is kept and
+    reused between calls (at most 6 blocks of TORCH_BLOCK_ELEMS elements: 96 MiB in fp32):
+    a fresh allocation of this size is mmapped and page-faulted anew by every call, which
+    measured up to 40 % of a call's time. Elsewhere the device's caching allocator does this."""
+    numel = math.prod(shape)
+    if device.type != "cpu":
+        return torch.empty(shape, device=device, dtype=dtype)
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = cache[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _focal_terms_into(l: Tensor, p: Tensor, gamma: float, t: Tensor, g: Tensor) -> None:
+    """:func:`_focal_terms_torch` written into the buffers ``t`` and ``g`` (same values)."""
+    torch.expm1(l, out=g).neg_()  # 1 - p
+    if gamma == 2.0:
+        torch.mul(g, g, out=t)
+    else:
+        torch.pow(g, gamma, out=t)
+    g.clamp_min_(torch.finfo(g.dtype).tiny)
+    torch.div(l, g, out=g).mul_(p).mul_(-gamma).add_(1.0).mul_(t)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(1)`` for [rows, N] blocks, without a [rows, N] temporary."""
+    return torch.linalg.vecdot(a, b, dim=1)
 
 
 def _key_bank(keys: KeyBank, acc: torch.dtype) -> Tensor:
@@ -119,25 +158,36 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
     dq = torch.empty(B, D, device=q.device, dtype=acc)
     stats = torch.empty(4, B, device=q.device, dtype=acc)
     stats[3] = 1.0  # positive counts: 1 without ids
-    for r0, r1 in _row_blocks(B, N):
-        rows = torch.arange(r1 - r0, device=q.device)
+    # one workspace of [rows, N] blocks for the whole call: every elementwise step writes into it
+    # (out= / in place), so the blocks are allocated (and their pages touched) once, not per op
+    blocks = list(_row_blocks(B, N))
+    ws = _workspace((6 if has_targets else 3, blocks[0][1] - blocks[0][0], N), acc, q.device)
+    for r0, r1 in blocks:
+        n = r1 - r0
+        rows = torch.arange(n, device=q.device)
         diag = rows + r0
-        z = (q[r0:r1].to(acc) @ kk.t()).mul_(inv_tau)  # (rows, N)
-        lse = torch.logsumexp(z, dim=1)
-        l = z - lse[:, None]
-        p = l.exp()
+        z, l, p = ws[0, :n], ws[1, :n], ws[2, :n]
+        torch.mm(q[r0:r1].to(acc), kk.t(), out=z).mul_(inv_tau)  # (rows, N)
+        # lse as logsumexp does it (max, then the sum of exp(z - max)), with the block buffers as scratch;
+        # l = z - lse exactly as the key-gradient pass recomputes it
+        m = z.amax(1, keepdim=True)
+        lse = torch.exp(torch.sub(z, m, out=p), out=p).sum(1, keepdim=True).log_().add_(m)
+        torch.exp(torch.sub(z, lse, out=l), out=p)
+        lse = lse.squeeze(1)
         if ids is not None:
             mr, mc, cnt, w_pos = _positives(ids[r0:r1], kid, kid_valid, alpha, acc)
             stats[3, r0:r1] = cnt
         if has_targets:
-            tgt = torch.softmax((qm[r0:r1].to(acc) @ kk.t()).mul_(inv_tau), dim=1).mul_(alpha)
+            tgt, t, g = ws[3, :n], ws[4, :n], ws[5, :n]
+            torch.mm(qm[r0:r1].to(acc), kk.t(), out=tgt).mul_(inv_tau)
+            tgt.sub_(tgt.amax(1, keepdim=True)).exp_()
+            tgt.mul_(alpha / tgt.sum(1, keepdim=True))  # alpha * softmax(momentum logits)
             if ids is None:
                 tgt[rows, diag] += 1.0 - alpha
             else:
                 tgt[mr, mc] += w_pos[mr]
-            t, g = _focal_terms_torch(l, p, gamma)
-            loss[r0:r1] = -(tgt * t * l).sum(1)
-            del t
+            _focal_terms_into(l, p, gamma, t, g)
+            loss[r0:r1] = _rowdot(t.mul_(tgt), l).neg_()
             qg = tgt.mul_(g)  # q * g, in place of the targets
             s_row = qg.sum(1)
             g_ii = g[rows, diag] if ids is None else torch.zeros_like(s_row)
@@ -159,7 +209,7 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
             dz = p.mul_(s_row[:, None])
             dz[rows, diag] -= g_ii
         dq[r0:r1] = (dz @ kk).mul_(inv_tau)
-        dtau[r0:r1] = -inv_tau * (dz * z).sum(1)
+        dtau[r0:r1] = _rowdot(dz, z).mul_(-inv_tau)
         stats[0, r0:r1] = lse
         stats[1, r0:r1] = s_row
         stats[2, r0:r1] = g_ii
