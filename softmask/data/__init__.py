@@ -17,7 +17,7 @@ from softmask.data.augment import (
     mask_tokens,
 )
 from softmask.data.json_dataset import CaptionJsonDataset
-from softmask.data.shapes import COLORS, RELATIONS, SHAPES, ShapesDataset
+from softmask.data.shapes import COLORS, RELATIONS, SHAPES, ShapesDataset, object_set_id
 from softmask.data.tokenizer import (
     SPECIAL_TOKENS,
     build_shapes_tokenizer,
@@ -30,6 +30,7 @@ __all__ = [
     "SHAPES",
     "RELATIONS",
     "ShapesDataset",
+    "object_set_id",
     "CaptionJsonDataset",
     "SPECIAL_TOKENS",
     "build_shapes_tokenizer",
@@ -86,6 +87,9 @@ class Collator:
       ``max_len``, truncated, [CLS] first),
     - ``"captions"``: list[str] (B), ``"objects"``: list[list[dict]] (B),
     - ``"index"``: LongTensor[B], ``"image_id"``: LongTensor[B],
+    - ``"ids"``: LongTensor[B], the positive id of every pair for retrieval fine-tuning (the items'
+      ``"id"``: the object set of a shapes image, the ``image_id`` of a caption-JSON entry; items
+      without one use their ``"image_id"``),
     - ``"num_dropped"``: int, ``None`` items dropped from this batch (an addition, so
       that training loops can sum drops across DataLoader worker processes).
 
@@ -114,19 +118,25 @@ class Collator:
         if len(shapes) != 1:
             raise ValueError(f"items[*]['image']: expected one shape [3, S, S] for the batch, got {sorted(shapes)}")
         captions = [it["caption"] for it in kept]
-        enc = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt"
-        )
+        enc = self.tokenize(captions)
         return {
             "image": torch.stack(images).float(),
-            "input_ids": enc["input_ids"].long(),
-            "attention_mask": enc["attention_mask"].long(),
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
             "captions": captions,
             "objects": [list(it.get("objects", [])) for it in kept],
             "index": torch.tensor([int(it["index"]) for it in kept], dtype=torch.long),
             "image_id": torch.tensor([int(it.get("image_id", it["index"])) for it in kept], dtype=torch.long),
+            "ids": torch.tensor([int(it.get("id", it.get("image_id", it["index"]))) for it in kept], dtype=torch.long),
             "num_dropped": dropped,
         }
+
+
+    def tokenize(self, captions: Sequence[str]) -> dict:
+        """``{"input_ids", "attention_mask"}``: LongTensor[n, max_len] of ``captions``, as a batch has them."""
+        enc = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
 
 def _word_ids(tokenizer, word: str) -> list[int]:

@@ -26,13 +26,22 @@ class CaptionJsonError(ValueError):
 class CaptionJsonDataset(torch.utils.data.Dataset):
     """Image-caption pairs from a JSON list ``[{"image": path, "caption": str | [str, ...]}, ...]``.
 
-    A list caption gives one item per caption (all sharing one image id). Relative
-    image paths are joined to ``image_root`` when given, otherwise to the folder of
-    the JSON file; absolute paths are used as they are. Other keys of an entry are
-    ignored.
+    A list caption gives one item per caption (all sharing one image id): ALBEF's retrieval test
+    files (``[{"image", "caption": [...]}]``, several captions per image) load as they are, with
+    :attr:`txt2img` / :attr:`img2txt` for the retrieval metrics. Relative image paths are joined to
+    ``image_root`` when given, otherwise to the folder of the JSON file; absolute paths are used as
+    they are.
+
+    An entry may carry ``"image_id"`` (any JSON scalar, as in ALBEF's retrieval training files,
+    ``{"image", "caption", "image_id"}``): the positive id of its captions for retrieval fine-tuning.
+    The values are mapped to ints in order of first appearance, as ALBEF's ``re_train_dataset``
+    does (so ``"coco_9"`` and ``9`` are two ids, ``9`` twice is one). An entry without one (or with
+    ``null``) takes the id of its image path: entries naming the same image share it. Other keys of
+    an entry are ignored.
 
     ``ds[i]`` is ``{"image": transform(PIL RGB) or PIL, "caption": str, "objects": [],
-    "index": i, "image_id": int}`` (``image_id`` indexes :attr:`image_paths`), or
+    "index": i, "image_id": int, "id": int}`` (``image_id`` indexes :attr:`image_paths`; ``id`` is
+    the positive id, :attr:`ids`), or
     ``None`` when the image is missing or unreadable: the path and reason are given
     with ``warnings.warn`` and :attr:`num_skipped` is incremented (per process: with
     DataLoader workers each worker counts its own; :class:`softmask.data.Collator`
@@ -43,6 +52,8 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
         image_names: list[str], the same images' paths as written in the JSON file.
         txt2img: list[int], image id of every item (caption).
         img2txt: list[list[int]], item indices of every image, for retrieval metrics.
+        ids: list[int], positive id of every item (from ``image_id``, else from the image path); kept
+            as they are by :meth:`subset` and :meth:`drop_missing`.
         num_skipped: int, items returned as None so far in this process.
 
     :meth:`drop_missing` removes the images that are not files (before training, so
@@ -77,7 +88,9 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
         self.captions: list[str] = []
         self.txt2img: list[int] = []
         self.img2txt: list[list[int]] = []
+        self.ids: list[int] = []
         path_ids: dict[str, int] = {}
+        positive_ids: dict[tuple, int] = {}  # ("id", JSON text of image_id) or ("path", resolved path) -> int
         for k, entry in enumerate(data):
             where = f"entry {k}"
             if not isinstance(entry, dict):
@@ -98,7 +111,13 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
             else:
                 raise CaptionJsonError(json_path, f"{where}: 'caption' must be a string or a non-empty list of "
                                                   f"strings, got {caption!r}")
+            image_id = entry.get("image_id")
+            if isinstance(image_id, (list, dict)):
+                raise CaptionJsonError(json_path, f"{where}: 'image_id' must be a JSON scalar (string, number or "
+                                                  f"boolean), got {type(image_id).__name__}")
             path = image if os.path.isabs(image) else os.path.join(root, image)
+            key = ("path", path) if image_id is None else ("id", json.dumps(image_id))
+            pid = positive_ids.setdefault(key, len(positive_ids))
             if path not in path_ids:
                 path_ids[path] = len(self.image_paths)
                 self.image_paths.append(path)
@@ -109,17 +128,20 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
                 self.img2txt[img_id].append(len(self.captions))
                 self.captions.append(c)
                 self.txt2img.append(img_id)
+                self.ids.append(pid)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def subset(self, image_ids: Iterable[int]) -> "CaptionJsonDataset":
         """A new data set with only the images ``image_ids`` (in that order) and all their captions;
-        ids, ``txt2img`` and ``img2txt`` are renumbered. The transform is shared."""
+        image ids, ``txt2img`` and ``img2txt`` are renumbered, the positive :attr:`ids` kept. The
+        transform is shared."""
         new = object.__new__(type(self))
         new.json_path, new.image_root, new.transform, new.num_skipped = (self.json_path, self.image_root,
                                                                          self.transform, 0)
         new.image_paths, new.image_names, new.captions, new.txt2img, new.img2txt = [], [], [], [], []
+        new.ids = []
         for i in image_ids:
             new.image_paths.append(self.image_paths[i])
             new.image_names.append(self.image_names[i])
@@ -128,6 +150,7 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
                 new.img2txt[-1].append(len(new.captions))
                 new.captions.append(self.captions[t])
                 new.txt2img.append(len(new.image_paths) - 1)
+                new.ids.append(self.ids[t])
         return new
 
     def drop_missing(self, *, open_images: bool = False) -> tuple["CaptionJsonDataset", list[str]]:
@@ -170,7 +193,8 @@ class CaptionJsonDataset(torch.utils.data.Dataset):
             return self._skip(path, f"unreadable image ({type(e).__name__}: {e})")
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "caption": self.captions[index], "objects": [], "index": index, "image_id": img_id}
+        return {"image": image, "caption": self.captions[index], "objects": [], "index": index, "image_id": img_id,
+                "id": self.ids[index]}
 
     def _skip(self, path: str, reason: str) -> None:
         self.num_skipped += 1

@@ -50,6 +50,9 @@ TEMPLATES: dict[int, tuple[str, ...]] = {
         "{a} is {rel} {b}, and {c}"),
 }
 
+_COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
+_SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
+
 SPLITS = {"train": 0, "test": 1}
 DEFAULT_SIZES = {"train": 4096, "test": 256}
 
@@ -57,6 +60,27 @@ DEFAULT_SIZES = {"train": 4096, "test": 256}
 # i.e. about 2..3.5 ViT patches of 8 px across.
 _MIN_FRAC, _MAX_FRAC = 0.22, 0.44
 _MAX_TRIES = 50
+
+
+def object_set_id(objects) -> int:
+    """The positive id of a shapes image for retrieval fine-tuning: a function of its object set, the set
+    of ``(colour, shape)`` pairs, whatever their order, positions or sizes and whatever the caption says.
+
+    Object ``(c, s)`` is bit ``COLOR_INDEX[c] * len(SHAPES) + SHAPE_INDEX[s]`` (30 bits for 6 colours and
+    5 shapes), and the id is the sum of the objects' bits: a non-negative int below ``2**30``, the same in
+    every process (no hashing), and equal for two images exactly when they show the same object set.
+
+    Args:
+        objects: the items' ``"objects"`` (dicts with ``"color"`` and ``"word"``), or ``(colour, shape)`` pairs.
+    """
+    bits = 0
+    for o in objects:
+        color, shape = (o["color"], o["word"]) if isinstance(o, dict) else o
+        if color not in _COLOR_INDEX or shape not in _SHAPE_INDEX:
+            raise ValueError(f"objects: expected colours in {tuple(COLORS)} and shapes in {SHAPES}, got "
+                             f"{(color, shape)!r}")
+        bits |= 1 << (_COLOR_INDEX[color] * len(SHAPES) + _SHAPE_INDEX[shape])
+    return bits
 
 
 def _article(word: str) -> str:
@@ -185,7 +209,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``"caption"`` (str), ``"objects"`` (list of ``{"word", "color", "box"}`` in caption
     order; ``box`` = ``[x0, y0, x1, y1]`` float pixel coordinates in the S x S image, the
     painted pixels are the integer pixels ``x0 <= x < x1``, ``y0 <= y < y1`` of the shape),
-    ``"index"`` (i), ``"image_id"`` (i: one caption per image).
+    ``"index"`` (i), ``"image_id"`` (i: one caption per image), ``"id"`` (the positive id for
+    retrieval fine-tuning: :func:`object_set_id` of the objects, shared by every image with the same set
+    of (colour, shape) pairs).
     """
 
     def __init__(
@@ -242,7 +268,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         objects = [{"word": o["word"], "color": o["color"], "box": list(o["box"])} for o in scene["objects"]]
-        return {"image": image, "caption": scene["caption"], "objects": objects, "index": index, "image_id": index}
+        return {"image": image, "caption": scene["caption"], "objects": objects, "index": index, "image_id": index,
+                "id": object_set_id(objects)}
 
     @property
     def txt2img(self) -> list[int]:
