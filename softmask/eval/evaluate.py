@@ -1,12 +1,15 @@
 """Evaluation of a pretrained model: zero-shot retrieval, pointing game, pictures.
 
-* Retrieval (ALBEF's protocol): rank all held-out texts for each image (and all
-  images for each text) by ITC similarity, then rescore the top ``k`` with the
-  ITM head's match logit (the others get -100). ``tr_*`` / ``ir_*`` are
-  Recall@{1,5,10} in percent of the reranked scores, ``itc_tr_*`` / ``itc_ir_*``
-  those of the ITC similarities alone. Texts with exactly the same caption as
-  an image's own caption count as correct for text retrieval (they are the same
-  string, so no model can rank them apart); ``duplicate_captions`` says how many
+* Retrieval (ALBEF's ``itm_eval``): every distinct image and every caption is
+  encoded once (a data set with several captions per image, such as ALBEF's
+  retrieval test files, gives Ni images and Nt texts); rank all held-out texts
+  for each image (and all images for each text) by ITC similarity, then rescore
+  the top ``k`` with the ITM head's match logit (the others get -100).
+  ``tr_*`` / ``ir_*`` are Recall@{1,5,10} in percent of the reranked scores,
+  ``itc_tr_*`` / ``itc_ir_*`` those of the ITC similarities alone. Text
+  retrieval counts a hit when any caption of the image is retrieved; texts with
+  exactly the same string as one of the image's captions count too (no model
+  can rank identical strings apart); ``duplicate_captions`` says how many
   held-out captions have such a twin.
 * Pointing game (shapes data): for every named object, the Grad-CAM of its
   shape word (the token's row of the Grad-CAM layer's cross-attention, weighted
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -39,7 +43,7 @@ from softmask.model import ModelConfig, SoftMaskALBEF
 from softmask.train.checkpoint import latest_checkpoint, load_model_weights
 
 __all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate", "itm_probe",
-           "pointing_subset", "soft_masked_embeds"]
+           "pointing_subset", "soft_masked_embeds", "encode_set", "EncodedSet"]
 
 
 def load_model(checkpoint: str, device="cpu"):
@@ -67,26 +71,90 @@ def _trim(ids, mask):
     return ids[:, :L], mask[:, :L]
 
 
+@dataclass
+class EncodedSet:
+    """An evaluation set encoded once: ``Ni`` distinct images and ``Nt`` texts (all captions of those images).
+
+    ``img_embeds [Ni, N, Dv]`` / ``img_feats [Ni, E]`` and ``txt_ids`` / ``txt_masks [Nt, L]`` /
+    ``txt_feats [Nt, E]`` (float32, CPU); ``captions`` and ``objects`` per text; ``txt2img [Nt]`` (the
+    image of every text) and ``img2txt [Ni]`` (the texts of every image); ``images``: the first few
+    image tensors ``[3, S, S]``, for the pictures."""
+
+    img_embeds: torch.Tensor
+    img_feats: torch.Tensor
+    txt_ids: torch.Tensor
+    txt_masks: torch.Tensor
+    txt_feats: torch.Tensor
+    captions: list
+    objects: list
+    txt2img: list
+    img2txt: list
+    images: list = field(default_factory=list)
+
+    def text_hits(self) -> list:
+        """The texts that count as a hit for each image: its own captions and every other text with exactly
+        the same string as one of them (no model can rank identical strings apart)."""
+        by_caption = {}
+        for t, c in enumerate(self.captions):
+            by_caption.setdefault(c, []).append(t)
+        return [sorted({u for t in texts for u in by_caption[self.captions[t]]}) for texts in self.img2txt]
+
+
+def _caption_of(dataset, t: int) -> str:
+    captions = getattr(dataset, "captions", None)
+    return captions[t] if captions is not None else dataset[t]["caption"]
+
+
 @torch.no_grad()
-def _encode(model, loader, device):
-    img_embeds, img_feats, txt_ids, txt_masks, txt_feats, items = [], [], [], [], [], []
+def encode_set(model, tokenizer, dataset, *, device="cpu", batch_size: int = 64, max_len: int = 32,
+               keep_images: int = 6) -> EncodedSet:
+    """Encode every distinct image of ``dataset`` once and every caption of it once (ALBEF's evaluation).
+
+    The images are the data set's ``img2txt`` groups (one image per item when it has none); each image is
+    read through the first item of its group. An image that cannot be read (the data set returns None and
+    warns) is left out with all its captions. Raises ValueError when no image can be read."""
+    from softmask.data import Collator
+
+    n = len(dataset)
+    groups = [list(g) for g in dataset.img2txt] if hasattr(dataset, "img2txt") else [[i] for i in range(n)]
+    first = [g[0] for g in groups]
+    group_of = {f: gi for gi, f in enumerate(first)}
+    collate = Collator(tokenizer, max_len)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, first), batch_size=batch_size,
+                                         shuffle=False, collate_fn=collate)
+    img_embeds, img_feats, kept, images, seen = [], [], [], [], {}
     for batch in loader:
         if batch is None:
             continue
         ie, ifeat = model.encode_image(batch["image"].to(device))
-        ids, mask = _trim(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        _, tfeat = model.encode_text(ids, mask)
         img_embeds.append(ie.float().cpu())
-        img_feats.append(ifeat.cpu())
-        txt_feats.append(tfeat.cpu())
-        pad = torch.zeros(ids.shape[0], batch["input_ids"].shape[1], dtype=torch.long)
-        txt_ids.append(pad.index_copy(1, torch.arange(ids.shape[1]), ids.cpu()))
-        txt_masks.append(pad.clone().index_copy(1, torch.arange(ids.shape[1]), mask.cpu()))
-        for j in range(ids.shape[0]):
-            items.append({"caption": batch["captions"][j], "objects": batch["objects"][j],
-                          "image": batch["image"][j]})
-    return (torch.cat(img_embeds), torch.cat(img_feats), torch.cat(txt_ids), torch.cat(txt_masks),
-            torch.cat(txt_feats), items)
+        img_feats.append(ifeat.float().cpu())
+        for j, idx in enumerate(batch["index"].tolist()):
+            kept.append(group_of[idx])
+            seen[idx] = (batch["captions"][j], batch["objects"][j])
+            if len(images) < keep_images:
+                images.append(batch["image"][j])
+    if not kept:
+        raise ValueError(f"data: none of the {len(groups)} images of the evaluation set could be read")
+    texts, txt2img, img2txt = [], [], []
+    for i, gi in enumerate(kept):
+        img2txt.append([])
+        for t in groups[gi]:
+            img2txt[-1].append(len(texts))
+            texts.append(t)
+            txt2img.append(i)
+    captions = [seen[t][0] if t in seen else _caption_of(dataset, t) for t in texts]
+    objects = [list(seen[t][1]) if t in seen else [] for t in texts]
+    txt_ids, txt_masks, txt_feats = [], [], []
+    for s in range(0, len(captions), batch_size):
+        enc = collate.tokenize(captions[s : s + batch_size])
+        ids, mask = _trim(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        _, tfeat = model.encode_text(ids, mask)
+        txt_ids.append(enc["input_ids"])
+        txt_masks.append(enc["attention_mask"])
+        txt_feats.append(tfeat.float().cpu())
+    return EncodedSet(torch.cat(img_embeds), torch.cat(img_feats), torch.cat(txt_ids), torch.cat(txt_masks),
+                      torch.cat(txt_feats), captions, objects, txt2img, img2txt, images)
 
 
 @torch.no_grad()
@@ -139,32 +207,33 @@ def word_cams(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, pair
     return torch.cat(out) if out else torch.zeros(0, g, g)
 
 
-def _pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device):
+def _pointing(model, tokenizer, enc: EncodedSet, device):
     from softmask.data import word_positions
     from softmask.eval.metrics import pointing_game
 
     results = {}
     S = model.cfg.image_size
-    for key, field in (("pointing_game", "word"), ("pointing_game_color", "color")):
-        pi, pw, boxes = [], [], []
-        for i, it in enumerate(items):
-            words = [o[field] for o in it["objects"]]
+    for key, what in (("pointing_game", "word"), ("pointing_game_color", "color")):
+        pt, pw, boxes = [], [], []
+        for t, objs in enumerate(enc.objects):
+            words = [o[what] for o in objs]
             if not words:
                 continue
-            pos = word_positions(txt_ids[i], tokenizer, words)
-            for o, p in zip(it["objects"], pos):
+            pos = word_positions(enc.txt_ids[t], tokenizer, words)
+            for o, p in zip(objs, pos):
                 if p >= 0:
-                    pi.append(i)
+                    pt.append(t)
                     pw.append(p)
                     boxes.append(list(o["box"]))
-        if not pi:
+        if not pt:
             continue
-        idx = torch.tensor(pi)
-        cams = word_cams(model, img_embeds, txt_ids, txt_masks, idx, idx, torch.tensor(pw), device=device)
+        idx = torch.tensor(pt)
+        cams = word_cams(model, enc.img_embeds, enc.txt_ids, enc.txt_masks, torch.tensor(enc.txt2img)[idx], idx,
+                         torch.tensor(pw), device=device)
         b = torch.tensor(boxes, dtype=torch.float64)
         results[key] = pointing_game(cams, b, S)
-        results[key + "_n"] = len(pi)
-        if field == "word":  # chance: a random patch centre inside the box
+        results[key + "_n"] = len(pt)
+        if what == "word":  # chance: a random patch centre inside the box
             g = model.cfg.grid
             c = (torch.arange(g, dtype=torch.float64) + 0.5) * S / g
             inside_x = (c[None, :] >= b[:, 0:1]) & (c[None, :] <= b[:, 2:3])
@@ -175,35 +244,38 @@ def _pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device):
     return results
 
 
-def _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, out_png, device, n_images=6):
+def _overlays(model, tokenizer, enc: EncodedSet, out_png, device, n_images=6):
+    """Every caption word's Grad-CAM on the first ``n_images`` images, each with its first caption."""
     from softmask.data import candidate_word_mask, denormalize, word_positions
     from softmask.eval.plots import plot_gradcam_overlays
 
-    n = min(n_images, len(items))
-    pi, pw, words, boxes = [], [], [], []
-    for i in range(n):
-        cand = candidate_word_mask(txt_ids[i : i + 1], txt_masks[i : i + 1], tokenizer)[0]
+    n = min(n_images, len(enc.images))
+    first = [enc.img2txt[i][0] for i in range(n)]
+    txt_ids, txt_masks = enc.txt_ids, enc.txt_masks
+    pi, pt, pw, words, boxes = [], [], [], [], []
+    for i, t in enumerate(first):
+        cand = candidate_word_mask(txt_ids[t : t + 1], txt_masks[t : t + 1], tokenizer)[0]
         pos = cand.nonzero().flatten().tolist()
-        toks = tokenizer.convert_ids_to_tokens(txt_ids[i, pos].tolist())
-        objs = items[i]["objects"]
+        toks = tokenizer.convert_ids_to_tokens(txt_ids[t, pos].tolist())
+        objs = enc.objects[t]
         box_at = {}
-        for field in ("word", "color"):
-            for o, p in zip(objs, word_positions(txt_ids[i], tokenizer, [o[field] for o in objs])):
+        for what in ("word", "color"):
+            for o, p in zip(objs, word_positions(txt_ids[t], tokenizer, [o[what] for o in objs])):
                 if p >= 0:
                     box_at[p] = list(o["box"])
         words.append(toks)
         boxes.append([box_at.get(p) for p in pos])
         pi += [i] * len(pos)
+        pt += [t] * len(pos)
         pw += pos
-    idx = torch.tensor(pi, dtype=torch.long)
-    cams = word_cams(model, img_embeds, txt_ids, txt_masks, idx, idx, torch.tensor(pw, dtype=torch.long),
-                     device=device)
+    cams = word_cams(model, enc.img_embeds, txt_ids, txt_masks, torch.tensor(pi, dtype=torch.long),
+                     torch.tensor(pt, dtype=torch.long), torch.tensor(pw, dtype=torch.long), device=device)
     per_image, s = [], 0
     for w in words:
         per_image.append(cams[s : s + len(w)])
         s += len(w)
-    images = denormalize(torch.stack([items[i]["image"] for i in range(n)]))
-    plot_gradcam_overlays(images, [items[i]["caption"] for i in range(n)], words, per_image, out_png, boxes=boxes)
+    images = denormalize(torch.stack(enc.images[:n]))
+    plot_gradcam_overlays(images, [enc.captions[t] for t in first], words, per_image, out_png, boxes=boxes)
 
 
 @torch.no_grad()
@@ -256,37 +328,45 @@ def soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, *, seed
 
 
 def itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, *, seed: int = 0,
-              device="cpu") -> dict:
+              device="cpu", txt2img=None) -> dict:
     """The shortcut probe: mean ITM match probability of held-out positives and hard negatives, each with
     clean and with soft-masked images.
 
-    Positives are the pairs (caption i, image i). Hard negatives are, for every image, the text of highest
-    ITC similarity whose caption differs from the image's own, and for every text the image of highest ITC
-    similarity whose caption differs from the text (2n pairs). The soft-masked variants use every image
-    soft-masked by a random word of its own caption (:func:`soft_masked_embeds`), so a dimmed hard negative
-    is dimmed exactly as the training loop dims it. A model that learned "dimmed means match" shows
-    ``itm_neg_masked`` far above ``itm_neg``.
+    ``sims [Ni, Nt]``; ``captions`` and ``txt2img`` (the image of every text; None: text i belongs to image
+    i) per text. Positives are the pairs (text t, its image). Hard negatives are, for every image, the text
+    of highest ITC similarity whose caption is none of the image's own, and for every text the image of
+    highest ITC similarity none of whose captions is the text's (Ni + Nt pairs). The soft-masked variants
+    use every image soft-masked by a random word of its first caption (:func:`soft_masked_embeds`), so a
+    dimmed hard negative is dimmed exactly as the training loop dims it. A model that learned "dimmed means
+    match" shows ``itm_neg_masked`` far above ``itm_neg``.
     """
-    n = sims.shape[0]
+    ni, nt = sims.shape
+    txt2img = torch.arange(nt) if txt2img is None else torch.as_tensor(txt2img, dtype=torch.long)
     cap_ids = {c: j for j, c in enumerate(dict.fromkeys(captions))}
-    cid = torch.tensor([cap_ids[c] for c in captions])
-    same = cid[:, None] == cid[None, :]  # (n, n) same caption string
+    cid = torch.tensor([cap_ids[c] for c in captions])  # (Nt,)
+    own = torch.zeros(ni, len(cap_ids), dtype=torch.bool)
+    own[txt2img, cid] = True  # (Ni, distinct captions): the captions of every image
+    same = own[:, cid]  # (Ni, Nt): text t says exactly what one of image i's captions says
     masked_sims = sims.masked_fill(same, float("-inf"))
-    ok = ~same.all(1)
-    rows = torch.arange(n)[ok]
-    neg_t = masked_sims.argmax(1)[ok]  # hard negative text of each image
-    neg_i = masked_sims.t().argmax(1)[ok]  # hard negative image of each text
-    pi = torch.cat([rows, neg_i])  # images of the negative pairs
-    pt = torch.cat([neg_t, rows])  # texts of the negative pairs
-    idx = torch.arange(n)
+    ok_i, ok_t = ~same.all(1), ~same.all(0)
+    rows_i, rows_t = torch.arange(ni)[ok_i], torch.arange(nt)[ok_t]
+    neg_t = masked_sims.argmax(1)[ok_i]  # hard negative text of each image
+    neg_i = masked_sims.t().argmax(1)[ok_t]  # hard negative image of each text
+    pi = torch.cat([rows_i, neg_i])  # images of the negative pairs
+    pt = torch.cat([neg_t, rows_t])  # texts of the negative pairs
+    idx = torch.arange(nt)
     res = {
-        "itm_pos": float(_itm_match_prob(model, img_embeds, txt_ids, txt_masks, idx, idx, device=device).mean()),
+        "itm_pos": float(_itm_match_prob(model, img_embeds, txt_ids, txt_masks, txt2img, idx, device=device).mean()),
         "itm_neg": float(_itm_match_prob(model, img_embeds, txt_ids, txt_masks, pi, pt, device=device).mean()),
     }
-    masked, _, _ = soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, seed=seed, device=device)
-    res["itm_pos_masked"] = float(_itm_match_prob(model, masked, txt_ids, txt_masks, idx, idx, device=device).mean())
+    # the first text of every image
+    first = torch.full((ni,), nt, dtype=torch.long).scatter_reduce(0, txt2img, torch.arange(nt), reduce="amin")
+    masked, _, _ = soft_masked_embeds(model, tokenizer, img_embeds, txt_ids[first], txt_masks[first], seed=seed,
+                                      device=device)
+    res["itm_pos_masked"] = float(_itm_match_prob(model, masked, txt_ids, txt_masks, txt2img, idx,
+                                                  device=device).mean())
     res["itm_neg_masked"] = float(_itm_match_prob(model, masked, txt_ids, txt_masks, pi, pt, device=device).mean())
-    res["itm_probe_pairs"] = {"positives": n, "hard_negatives": int(pi.numel())}
+    res["itm_probe_pairs"] = {"positives": nt, "hard_negatives": int(pi.numel())}
     return res
 
 
@@ -294,72 +374,77 @@ def pointing_subset(model, tokenizer, dataset, *, device="cpu", batch_size: int 
     """The pointing game (shape and colour words) on ``dataset`` (items with ``objects``), in eval mode;
     the model's train/eval mode is restored. Used by the training loop to watch grounding every N steps
     on a fixed held-out subset."""
-    from softmask.data import Collator
-
     was_training = model.training
     model.eval()
     try:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                             collate_fn=Collator(tokenizer, max_len))
-        img_embeds, _, txt_ids, txt_masks, _, items = _encode(model, loader, device)
-        return _pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device)
+        enc = encode_set(model, tokenizer, dataset, device=device, batch_size=batch_size, max_len=max_len,
+                         keep_images=0)
+        return _pointing(model, tokenizer, enc, device)
     finally:
         model.train(was_training)
 
 
-def _soft_mask_picture(model, tokenizer, img_embeds, txt_ids, txt_masks, items, out_png, device, n_images=6):
+def _soft_mask_picture(model, tokenizer, enc: EncodedSet, out_png, device, n_images=6):
     from softmask.data import denormalize
     from softmask.eval.plots import plot_soft_masks
 
-    n = min(n_images, len(items))
-    _, masks, words = soft_masked_embeds(model, tokenizer, img_embeds[:n], txt_ids[:n], txt_masks[:n],
+    n = min(n_images, len(enc.images))
+    first = torch.tensor([enc.img2txt[i][0] for i in range(n)], dtype=torch.long)
+    txt_ids = enc.txt_ids[first]
+    _, masks, words = soft_masked_embeds(model, tokenizer, enc.img_embeds[:n], txt_ids, enc.txt_masks[first],
                                          device=device)
     g = model.cfg.grid
     toks = [tokenizer.convert_ids_to_tokens([int(txt_ids[i, words[i]])])[0] for i in range(n)]
-    images = denormalize(torch.stack([items[i]["image"] for i in range(n)]))
-    plot_soft_masks(images, [items[i]["caption"] for i in range(n)], toks, masks[:, 1:].reshape(n, g, g), out_png)
+    images = denormalize(torch.stack(enc.images[:n]))
+    plot_soft_masks(images, [enc.captions[int(t)] for t in first], toks, masks[:, 1:].reshape(n, g, g), out_png)
 
 
 def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="cpu", pointing: bool = True,
              overlays_png: Optional[str] = None, soft_masks_png: Optional[str] = None, batch_size: int = 64,
              max_len: int = 32, probe: bool = True) -> dict:
-    """Retrieval, the ITM shortcut probe (:func:`itm_probe`) and, when the items carry ``objects``, the
-    pointing game, on ``dataset``."""
-    from softmask.data import Collator
+    """Retrieval as ALBEF's ``itm_eval``, the ITM shortcut probe (:func:`itm_probe`) and, when the items carry
+    ``objects``, the pointing game, on ``dataset``.
+
+    Every distinct image and every caption is encoded once (:func:`encode_set`; several captions per image,
+    as in ALBEF's retrieval test files, are ``Ni`` images and ``Nt`` texts). The ITC similarity of all
+    pairs ranks them; the top ``k`` of every row are rescored with the ITM match logit
+    (:func:`retrieval_scores`). Text retrieval counts a hit for an image when any of its captions (or a
+    text with the same string as one of them) is retrieved, image retrieval when a caption's own image is.
+    Keys: ``tr_r1/5/10``, ``ir_r1/5/10`` and their means ``tr_mean``, ``ir_mean``, ``r_mean`` (reranked),
+    ``itc_tr_r1/5/10``, ``itc_ir_r1/5/10`` and ``itc_tr_mean``, ``itc_ir_mean``, ``itc_r_mean`` (ITC alone),
+    in percent; ``num_images``, ``num_texts``, ``rerank_k``, ``chance_r1`` (100 / Ni),
+    ``duplicate_captions``."""
     from softmask.eval.metrics import retrieval_metrics
 
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         collate_fn=Collator(tokenizer, max_len))
-    img_embeds, img_feats, txt_ids, txt_masks, txt_feats, items = _encode(model, loader, device)
-    sims, i2t, t2i = retrieval_scores(model, img_embeds, img_feats, txt_ids, txt_masks, txt_feats, k=k,
-                                      device=device)
-    captions = [it["caption"] for it in items]
-    by_caption = {}
-    for j, c in enumerate(captions):
-        by_caption.setdefault(c, []).append(j)
-    img2txt = [by_caption[c] for c in captions]
-    txt2img = list(range(len(items)))
-    tr = retrieval_metrics(i2t, img2txt, txt2img)
-    ir = retrieval_metrics(t2i.t(), img2txt, txt2img)
-    itc = retrieval_metrics(sims, img2txt, txt2img)
+    enc = encode_set(model, tokenizer, dataset, device=device, batch_size=batch_size, max_len=max_len)
+    sims, i2t, t2i = retrieval_scores(model, enc.img_embeds, enc.img_feats, enc.txt_ids, enc.txt_masks,
+                                      enc.txt_feats, k=k, device=device)
+    hits, txt2img = enc.text_hits(), enc.txt2img
+    tr = retrieval_metrics(i2t, hits, txt2img)
+    ir = retrieval_metrics(t2i.t(), hits, txt2img)
+    itc = retrieval_metrics(sims, hits, txt2img)
     res = {key: tr[key] for key in ("tr_r1", "tr_r5", "tr_r10", "tr_mean")}
     res.update({key: ir[key] for key in ("ir_r1", "ir_r5", "ir_r10", "ir_mean")})
     res["r_mean"] = (res["tr_mean"] + res["ir_mean"]) / 2
-    res.update({f"itc_{key}": itc[key] for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")})
-    res.update(num_images=len(items), num_texts=len(items), rerank_k=min(k, len(items)),
-               chance_r1=100.0 / max(1, len(items)),
-               duplicate_captions=sum(1 for c in captions if len(by_caption[c]) > 1))
+    res.update({f"itc_{key}": itc[key] for key in ("tr_r1", "tr_r5", "tr_r10", "tr_mean", "ir_r1", "ir_r5", "ir_r10",
+                                                    "ir_mean", "r_mean")})
+    ni, nt = sims.shape
+    counts = {}
+    for c in enc.captions:
+        counts[c] = counts.get(c, 0) + 1
+    res.update(num_images=ni, num_texts=nt, rerank_k=min(k, ni, nt), chance_r1=100.0 / ni,
+               duplicate_captions=sum(1 for c in enc.captions if counts[c] > 1))
     if probe:
-        res.update(itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, device=device))
-    has_objects = any(it["objects"] for it in items)
-    if pointing and has_objects:
-        res.update(_pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, items, device))
+        res.update(itm_probe(model, tokenizer, enc.img_embeds, enc.txt_ids, enc.txt_masks, sims, enc.captions,
+                             device=device, txt2img=txt2img))
+    if pointing and any(enc.objects):
+        res.update(_pointing(model, tokenizer, enc, device))
     if overlays_png is not None:
-        _overlays(model, tokenizer, img_embeds, txt_ids, txt_masks, items, overlays_png, device)
+        _overlays(model, tokenizer, enc, overlays_png, device)
     if soft_masks_png is not None:
-        _soft_mask_picture(model, tokenizer, img_embeds, txt_ids, txt_masks, items, soft_masks_png, device)
+        _soft_mask_picture(model, tokenizer, enc, soft_masks_png, device)
     model.train(was_training)
     return res
 
