@@ -1,4 +1,6 @@
-"""``softmask-pretrain`` / ``python -m softmask.train``: the pretraining command line.
+"""``softmask-pretrain`` / ``python -m softmask.train``: the pretraining command line, and the code it
+shares with ``softmask-finetune`` (:mod:`softmask.train.finetune`, the same flags plus ``--checkpoint``,
+``--partial-load``, ``--no-ids`` and ``--text-aug``, with the retrieval task's defaults).
 
 With no arguments: the ``tiny`` preset on the synthetic shapes data set, on CPU,
 then evaluation (``eval.json``) and pictures (``plots/``) under
@@ -20,14 +22,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from softmask.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_config
-from softmask.train.loop import ConfigError, NonFiniteLossError, TrainConfig, load_config_file, train
+from softmask.train.loop import (
+    PROGS,
+    TASK_DEFAULTS,
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    load_config_file,
+    task_config,
+    train,
+)
 
 __all__ = ["main", "build_parser", "config_from_args", "config_from_argv"]
 
 PROG = "softmask-pretrain"
+# model settings a fine-tuning run takes from the softmask checkpoint it starts from, unless given
+_FROM_CHECKPOINT = ("preset", "fusion_layers", "vision_stem", "vision_registers", "queue_size", "max_len")
 
 # flags whose meaning is the negation of a field: dest -> (field, value when the flag is given, when not)
 _INVERTED = {
@@ -37,6 +51,7 @@ _INVERTED = {
     "no_image_aug": ("image_aug", False, True),
     "no_eval": ("run_eval", False, True),
     "no_progress": ("progress", False, True),
+    "no_ids": ("use_ids", False, True),
 }
 _NOT_FIELDS = ("config", "help")
 
@@ -48,19 +63,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = _Parser(
-        prog=PROG,
-        description="Pretrain the ALBEF-style model with text-driven soft masks, focal ITC and multi-modal "
-        "augmentation; evaluate it (retrieval, pointing game) and draw pictures at the end.",
-        epilog="Settings: TrainConfig defaults < --config FILE < flags given here (with --resume: the checkpoint's "
-        "settings fill in what is not given, and a given one that differs is an error).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
+    finetune = task == "retrieval"
+    d = task_config(task)
+    if finetune:
+        description = ("Fine-tune the model for image-text retrieval as ALBEF's Retrieval.py does: ITC (focal, "
+                       "momentum distillation, positive ids: every pair with the same image id is a positive) and "
+                       "ITM (hard negatives never share an id), no MLM, the soft-mask branch as in pretraining; "
+                       "start from a softmask run (--checkpoint RUN_DIR) or an ALBEF checkpoint file "
+                       "(--checkpoint ALBEF_4M.pth --preset base --tokenizer BERT_DIR); evaluate retrieval as "
+                       "ALBEF's itm_eval at the end.")
+        epilog = ("Settings: TrainConfig defaults < the fine-tuning defaults < a softmask --checkpoint's model "
+                  "settings < --config FILE < flags given here (with --resume: the checkpoint's settings fill in "
+                  "what is not given, and a given one that differs is an error).")
+    else:
+        description = ("Pretrain the ALBEF-style model with text-driven soft masks, focal ITC and multi-modal "
+                       "augmentation; evaluate it (retrieval, pointing game) and draw pictures at the end.")
+        epilog = ("Settings: TrainConfig defaults < --config FILE < flags given here (with --resume: the checkpoint's "
+                  "settings fill in what is not given, and a given one that differs is an error).")
+    p = _Parser(prog=PROGS[task], description=description, epilog=epilog,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None,
                    help="JSON or YAML file of TrainConfig fields (any field; flags given here override it); a run's "
                    "own config.json replays the run. YAML needs PyYAML")
+    if finetune:
+        p.add_argument("--checkpoint", dest="init_checkpoint", default=None,
+                       help="the weights to fine-tune: a softmask run or checkpoint directory (its model settings "
+                       "and tokenizer are used), or an ALBEF checkpoint file (ALBEF_4M.pth, ALBEF.pth, mscoco.pth, "
+                       "...; the preset is then 'base' unless --preset says otherwise). Without it: random init")
+        p.add_argument("--partial-load", action="store_true",
+                       help="accept an ALBEF checkpoint that leaves model weights at their init (they are listed)")
+        p.add_argument("--no-ids", action="store_true",
+                       help="fine-tune without positive ids (each pair its own only positive, as in pretraining)")
     p.add_argument("--preset", choices=("tiny", "base"), default=d.preset, help="model size")
     p.add_argument("--data", default=d.data, help="'shapes' (embedded synthetic data) or a caption JSON file")
     p.add_argument("--image-root", default=None,
@@ -92,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cpu; cuda for GPUs)")
     p.add_argument("--gamma", type=float, default=None, help="focal ITC exponent (0: plain ITC)")
     p.add_argument("--alpha", type=float, default=None, help="momentum-distillation weight (ramped up)")
-    p.add_argument("--no-softmask", action="store_true", help="ablation: no soft-masked ITM positives")
+    p.add_argument("--no-softmask", action="store_true", help="ablation: no soft-masked ITM pairs")
     p.add_argument("--softmask-positives-only", action="store_true",
                    help="soft-masked images only in positive ITM pairs (always labelled a match), instead of in "
                    "positive and negative pairs in the clean pairs' 1 : 2 ratio")
@@ -101,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     for term in ("itc", "itm", "softmask", "mlm"):
         p.add_argument(f"--weight-{term}", type=float, default=None, help=f"weight of loss_{term}")
     p.add_argument("--queue-size", type=int, default=None)
-    p.add_argument("--no-text-aug", action="store_true",
-                   help="ITC/ITM on the clean caption (ALBEF) instead of the masked-caption view")
+    if finetune:
+        p.add_argument("--text-aug", dest="text_aug", action="store_const", const=True, default=None,
+                       help="ITC/ITM on the masked-caption view (the text half of the multi-modal augmentation) "
+                       "instead of the clean caption (ALBEF)")
+    else:
+        p.add_argument("--no-text-aug", action="store_true",
+                       help="ITC/ITM on the clean caption (ALBEF) instead of the masked-caption view")
     p.add_argument("--no-image-aug", action="store_true",
                    help="training crops without the caption-safe RandAugment (the image half of the multi-modal "
                    "augmentation; --no-text-aug is the text half)")
@@ -112,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: one per core; on a CPU shared with other jobs, 1 avoids "
                    "OpenMP stalls)")
-    p.add_argument("--vit-checkpoint", default=None, help="local timm ViT weights file")
-    p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
+    if not finetune:
+        p.add_argument("--vit-checkpoint", default=None, help="local timm ViT weights file")
+        p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--pointing-every", type=int, default=d.pointing_every,
                    help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "
                    "shapes data only)")
+    p.add_argument("--eval-k", type=int, default=d.eval_k,
+                   help="evaluation: the top k of every ITC ranking rescored by the ITM head (ALBEF's k_test)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--resume", action="store_true",
@@ -140,9 +182,10 @@ def _fields_from(values: dict) -> dict:
     return out
 
 
-def config_from_args(a: argparse.Namespace) -> TrainConfig:
+def config_from_args(a: argparse.Namespace, task: str = "pretrain") -> TrainConfig:
     """The TrainConfig of parsed flags alone (every flag at its value or default; no config file)."""
-    return TrainConfig(**_fields_from(vars(a)))
+    fields = _fields_from(vars(a))
+    return task_config(task, **{k: v for k, v in fields.items() if not (v is None and k in TASK_DEFAULTS[task])})
 
 
 def _flag_of(field: str, parser: argparse.ArgumentParser):
@@ -154,15 +197,17 @@ def _flag_of(field: str, parser: argparse.ArgumentParser):
     return None
 
 
-def config_from_argv(argv=None, sources=None):
-    """``(TrainConfig, sources)`` from command-line arguments: defaults, then ``--config``, then the
-    flags given; with ``--resume``, the checkpoint's settings fill in what neither gives. ``sources``
-    (filled in place when given, so that it is complete when this raises) maps each field that was set
-    to where: ``("flag", "--lr")``, ``("file", path)`` or ``("checkpoint", path)``. Raises
-    :class:`ConfigError` (see :func:`describe_error`)."""
-    parser = build_parser()
+def config_from_argv(argv=None, sources=None, task: str = "pretrain"):
+    """``(TrainConfig, sources)`` from command-line arguments: defaults (the task's, :data:`TASK_DEFAULTS`),
+    then ``--config``, then the flags given; with ``--resume``, the checkpoint's settings fill in what
+    neither gives; fine-tuning from a softmask checkpoint takes its model settings (preset, architecture,
+    ``max_len``) where neither gives them, and from an ALBEF file the preset ``base``. ``sources`` (filled in
+    place when given, so that it is complete when this raises) maps each field that was set to where:
+    ``("flag", "--lr")``, ``("file", path)`` or ``("checkpoint", path)``. Raises :class:`ConfigError` (see
+    :func:`describe_error`)."""
+    parser = build_parser(task)
     args = parser.parse_args(argv)
-    quiet = build_parser()
+    quiet = build_parser(task)
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     given = vars(quiet.parse_args(argv))  # only the flags on the command line
@@ -172,11 +217,16 @@ def config_from_argv(argv=None, sources=None):
     if args.config is not None:
         for k, v in load_config_file(args.config).items():
             values[k], sources[k] = v, ("file", args.config)
+    if values.get("task", task) != task:
+        raise ConfigError("task", values["task"], f"{PROGS[task]} runs the {task!r} task; expected {task!r} or no "
+                                                  f"task key (the {values['task']!r} task is "
+                                                  f"{PROGS.get(values['task'], 'no command')})")
+    values["task"] = task
     cli = _fields_from(given)
     for k, v in cli.items():
         values[k], sources[k] = v, ("flag", _flag_of(k, parser))
     if values.get("resume"):
-        out = values.get("out", TrainConfig.out)
+        out = values.get("out", TASK_DEFAULTS[task].get("out", TrainConfig.out))
         ckpt = latest_checkpoint(out, warn=False)
         if ckpt is not None:
             try:
@@ -187,6 +237,21 @@ def config_from_argv(argv=None, sources=None):
             for k, v in saved.items():
                 if k in names and k not in values and k not in ("out", "resume"):
                     values[k], sources[k] = v, ("checkpoint", f"{ckpt}/config.json")
+    init = values.get("init_checkpoint")
+    if init is not None and os.path.isdir(init):  # a softmask run: its model settings
+        ckpt = latest_checkpoint(init, warn=False)
+        if ckpt is not None:
+            try:
+                saved = load_checkpoint_config(ckpt)["train"]
+            except CheckpointError:
+                saved = {}  # train() reports it
+            for k in _FROM_CHECKPOINT:
+                if k in saved and k not in values:
+                    values[k], sources[k] = saved[k], ("checkpoint", f"--checkpoint {ckpt}/config.json")
+    elif init is not None and os.path.isfile(init) and "preset" not in values:  # an ALBEF file: ALBEF's size
+        values["preset"], sources["preset"] = "base", ("checkpoint", f"--checkpoint {init} (an ALBEF checkpoint)")
+    for k, v in TASK_DEFAULTS[task].items():
+        values.setdefault(k, v)
     if "steps" in cli and "epochs" in cli and cli["epochs"] is not None:
         raise ConfigError("epochs", cli["epochs"], "expected either --epochs or --steps, not both")
     if "steps" in cli and "epochs" not in cli and values.get("epochs") is not None:
@@ -194,40 +259,44 @@ def config_from_argv(argv=None, sources=None):
     return TrainConfig(**values), sources
 
 
-def describe_error(e: ConfigError, sources: dict) -> str:
+def describe_error(e: ConfigError, sources: dict, task: str = "pretrain") -> str:
     """The one-line message of ``e`` naming where the bad value came from: the flag, or the config file
     (or checkpoint config) and its key."""
     if e.field == "config":
         return e.render("--config", flag=True)
     kind, where = sources.get(e.field, ("flag", None))
     if kind == "flag":
-        flag = where or _flag_of(e.field, build_parser())
+        flag = where or _flag_of(e.field, build_parser(task))
         return e.render(flag, flag=True) if flag else e.render(e.field)
     return f"{where}: {e.render(e.field)}"
 
 
-def main(argv=None) -> int:
+def main(argv=None, task: str = "pretrain") -> int:
+    """The command line of ``task`` (``softmask-pretrain``: "pretrain", ``softmask-finetune``: "retrieval").
+    Returns the exit status: 0, 2 for a bad setting (one line on stderr), 1 for a non-finite loss."""
+    prog = PROGS[task]
     sources = {}
     try:
-        cfg, _ = config_from_argv(argv, sources)
+        cfg, _ = config_from_argv(argv, sources, task)
         summary = train(cfg)
     except ConfigError as e:
-        print(f"{PROG}: error: {describe_error(e, sources)}", file=sys.stderr)
+        print(f"{prog}: error: {describe_error(e, sources, task)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if "eval" in summary:
         ev = summary["eval"]
-        keys = [k for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "pointing_game") if k in ev]
+        keys = [k for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean", "pointing_game")
+                if k in ev]
         print("eval: " + json.dumps({k: round(ev[k], 2) for k in keys}))
         if ev.get("eval_on_training_data"):
-            print(f"{PROG}: note: these retrieval numbers are on the training data ({ev.get('eval_data')}), "
+            print(f"{prog}: note: these retrieval numbers are on the training data ({ev.get('eval_data')}), "
                   f"not on a held-out set")
-    print(f"{PROG}: done in {summary['wall_s']:.0f} s; outputs in {summary['out']}")
+    print(f"{prog}: done in {summary['wall_s']:.0f} s; outputs in {summary['out']}")
     return 0
 
 

@@ -1,7 +1,20 @@
-"""The reference pretraining loop (single process, or DDP under torchrun).
+"""The reference training loop of pretraining and retrieval fine-tuning (single process, or DDP under
+torchrun).
 
-:func:`train` runs :class:`TrainConfig`; ``softmask-pretrain`` (see
-:mod:`softmask.train.__main__`) is its command line. Outputs under ``out``:
+:func:`train` runs :class:`TrainConfig`; ``softmask-pretrain`` (see :mod:`softmask.train.__main__`) and
+``softmask-finetune`` (:mod:`softmask.train.finetune`) are its command lines. One loop serves both
+tasks (``TrainConfig.task``): they differ in the objective and the defaults, not in the data order,
+the checkpoints, the logging or the evaluation.
+
+* ``"pretrain"``: ITC, ITM, the soft-masked ITM pairs and MLM (ALBEF's pretraining plus the paper's parts).
+* ``"retrieval"``: ALBEF's retrieval fine-tuning (``Retrieval.py``): ITC with positive ids (every key with
+  the pair's id is a positive: :func:`softmask.focal_itc_loss` ``ids=``), ITM with hard negatives that never
+  share an id, the soft-mask branch and the focal weight as configured, no MLM (``weight_mlm`` 0). The
+  defaults are :data:`TASK_DEFAULTS` ``["retrieval"]``. ``init_checkpoint`` starts it from a softmask run
+  (its model settings and tokenizer are used) or from an ALBEF checkpoint file
+  (:func:`softmask.model.albef_checkpoint.load_albef_checkpoint`).
+
+Outputs under ``out``:
 ``config.json``, ``metrics.jsonl`` (one JSON object per logged step),
 ``checkpoints/`` (see :mod:`softmask.train.checkpoint`), ``tokenizer/``, ``heldout.json``
 when images of a JSON training set are held out for evaluation (see
@@ -33,7 +46,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from softmask.model import SoftMaskALBEF, model_preset
+from softmask.model import ModelConfig, SoftMaskALBEF, model_preset
 from softmask.model.pretrained import load_pretrained
 from softmask.train.checkpoint import (
     CheckpointError,
@@ -60,9 +73,37 @@ from softmask.train.data import (
 )
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "ConfigError", "build_model", "LOSS_TERMS",
-           "load_config_file", "config_differences", "check_device", "RUNTIME_FIELDS"]
+           "load_config_file", "config_differences", "check_device", "RUNTIME_FIELDS", "TASKS", "TASK_DEFAULTS",
+           "PROGS", "task_config"]
 
 LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
+TASKS = ("pretrain", "retrieval")
+PROGS = {"pretrain": "softmask-pretrain", "retrieval": "softmask-finetune"}  # the command of each task
+
+# Settings of a task that differ from TrainConfig's defaults (which are pretraining's). Fine-tuning the tiny
+# pretrained shapes model: see the README's "Fine-tune for retrieval" for what these gave (measured there).
+TASK_DEFAULTS = {
+    "pretrain": {},
+    "retrieval": {
+        "steps": 300,
+        "lr": 1e-4,  # a fifth of pretraining's 5e-4, as ALBEF fine-tunes at 1e-5 after pretraining at 1e-4
+        "warmup_steps": 20,
+        "weight_mlm": 0.0,  # no MLM in fine-tuning (ALBEF's Retrieval.py); the masked-token labels are skipped
+        "text_aug": False,  # ITC / ITM on the clean caption, as ALBEF fine-tunes
+        "use_ids": True,
+        "pointing_every": 0,
+        "save_every": 100,
+        "out": "runs/finetune-tiny",
+    },
+}
+
+
+def task_config(task: str = "pretrain", **fields) -> "TrainConfig":
+    """``TrainConfig(task=task, **{**TASK_DEFAULTS[task], **fields})``: the settings of ``task`` with its
+    own defaults (those of :data:`TASK_DEFAULTS`) under the given ``fields``."""
+    if task not in TASK_DEFAULTS:
+        raise ConfigError("task", task, f"expected one of {', '.join(repr(t) for t in TASKS)}")
+    return TrainConfig(task=task, **{**TASK_DEFAULTS[task], **fields})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,6 +129,8 @@ class TrainConfig:
     checked on construction (type and range); a bad one raises :class:`ConfigError` naming it.
     """
 
+    # "pretrain" or "retrieval" (fine-tuning): the objective (see the module docstring and TASK_DEFAULTS)
+    task: str = "pretrain"
     preset: str = "tiny"
     data: str = "shapes"
     image_root: Optional[str] = None
@@ -121,6 +164,12 @@ class TrainConfig:
     alpha_ramp_steps: Optional[int] = None  # None: 20 % of the steps
     vit_checkpoint: Optional[str] = None
     bert_dir: Optional[str] = None
+    # the weights training starts from: a softmask run or checkpoint directory (its model settings and tokenizer
+    # are used; the objective's settings given here replace its own), or an ALBEF checkpoint file
+    init_checkpoint: Optional[str] = None
+    partial_load: bool = False  # an ALBEF checkpoint may leave model weights at their init (listed in the log)
+    # pass every pair's positive id (the batch's "ids") to the model: ITC positives and ITM negatives by id
+    use_ids: bool = False
     progress: bool = True
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default, one per core)
     # model overrides (None keeps the preset's value)
@@ -152,6 +201,15 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if self.task not in TASKS:
+            raise ConfigError("task", self.task, f"expected one of {', '.join(repr(t) for t in TASKS)}")
+        if self.init_checkpoint is not None and (self.vit_checkpoint or self.bert_dir):
+            raise ConfigError("init_checkpoint", self.init_checkpoint, "expected either a checkpoint to start from "
+                                                                       "or ViT / BERT weights (vit_checkpoint, "
+                                                                       "bert_dir), not both")
+        if self.partial_load and self.init_checkpoint is None:
+            raise ConfigError("partial_load", NO_VALUE, "only applies to a checkpoint to start from "
+                                                        "(init_checkpoint, --checkpoint)")
         if self.preset not in ("tiny", "base"):
             raise ConfigError("preset", self.preset, "expected 'tiny' or 'base'")
         if self.impl not in ("fused", "reference"):
@@ -347,9 +405,11 @@ def check_device(spec: Optional[str], field: str = "device") -> torch.device:
     return device
 
 
-def build_model(cfg: TrainConfig, tokenizer) -> SoftMaskALBEF:
+def build_model(cfg: TrainConfig, tokenizer, mcfg: Optional[ModelConfig] = None) -> SoftMaskALBEF:
+    """The model of ``cfg`` (``mcfg``: its settings, default ``cfg.model_config(tokenizer)``), initialized
+    from ``cfg.seed`` and, when given, the ViT / BERT weights (``vit_checkpoint``, ``bert_dir``)."""
     torch.manual_seed(cfg.seed)
-    model = SoftMaskALBEF(cfg.model_config(tokenizer))
+    model = SoftMaskALBEF(mcfg if mcfg is not None else cfg.model_config(tokenizer))
     if cfg.vit_checkpoint or cfg.bert_dir:
         load_pretrained(model, vit_checkpoint=cfg.vit_checkpoint, bert_dir=cfg.bert_dir)
     return model
@@ -365,14 +425,16 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, temp_lr_scale: float):
+def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, temp_lr_scale: float,
+                  frozen: tuple = ()):
     """AdamW groups: weights with decay; biases, norms, embeddings without; the temperature alone
     at ``lr * temp_lr_scale``. At the tiny preset's lr 5e-4 (5x ALBEF's 1e-4), the temperature
     trained at the full lr fell from 0.07 to 0.004 in 800 steps, and text-to-image retrieval on the
-    held-out shapes dropped (ITC IR@1 3.1 % against TR@1 12.9 %)."""
+    held-out shapes dropped (ITC IR@1 3.1 % against TR@1 12.9 %). Parameters whose names start with
+    one of ``frozen`` are left out."""
     decay, no_decay, temp = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name.startswith(frozen):
             continue
         if name == "temp":
             temp.append(p)
@@ -447,7 +509,9 @@ class _ThreadGuard:
     with 1. Thread counts change the floating-point reduction order, not the math.
     """
 
-    def __init__(self, enabled: bool, period: int = 100, probe: int = 3, skip: int = 2):
+    def __init__(self, enabled: bool, period: int = 100, probe: int = 3, skip: int = 2,
+                 prog: str = "softmask-pretrain"):
+        self.prog = prog
         self.full = torch.get_num_threads()
         self.enabled = enabled and self.full > 1
         self.period, self.probe, self.skip = period, probe, skip
@@ -486,7 +550,7 @@ class _ThreadGuard:
         med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         other = self._other()
         if med(self.trial) < 0.9 * med(self.recent[-self.probe:]):
-            print(f"softmask-pretrain: {other} intra-op thread(s) are faster here ({med(self.trial):.2f} s against "
+            print(f"{self.prog}: {other} intra-op thread(s) are faster here ({med(self.trial):.2f} s against "
                   f"{med(self.recent[-self.probe:]):.2f} s per step): switching (--threads N fixes the count)", file=sys.stderr)
             self.current = other
             self.recent = list(self.trial)
@@ -511,7 +575,7 @@ def _resume_checkpoint(cfg: TrainConfig, out: str, is_main: bool) -> Optional[st
                 f"{out}/checkpoints/step_* with model.safetensors, train_state.pt and config.json); not starting "
                 f"over on top of it. Remove the directory, or use another --out, to start a new run")
         if is_main:
-            print(f"softmask-pretrain: --resume: no run in {out}, starting from step 0", file=sys.stderr)
+            print(f"{PROGS[cfg.task]}: --resume: no run in {out}, starting from step 0", file=sys.stderr)
         return None
     try:
         saved = load_checkpoint_config(ckpt)["train"]
@@ -531,15 +595,137 @@ def _fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (str, bool)) or v is None else repr(v)
 
 
+def _tokenizer(spec: Optional[str], field: str = "tokenizer"):
+    """:func:`softmask.data.get_tokenizer`, its errors as :class:`ConfigError` on ``field``."""
+    from softmask.data import get_tokenizer
+
+    try:
+        return get_tokenizer(spec)
+    except (FileNotFoundError, ValueError) as e:
+        msg = str(e)
+        raise ConfigError(field, NO_VALUE, msg[len("tokenizer: "):] if msg.startswith("tokenizer: ") else msg) from None
+
+
+def _init_source(cfg: TrainConfig) -> Optional[tuple]:
+    """What ``cfg.init_checkpoint`` names: ``("run", checkpoint_dir)`` for a softmask run or checkpoint directory
+    (or its ``model.safetensors``), ``("albef", path)`` for any other file (an ALBEF checkpoint), None when
+    unset. Raises :class:`ConfigError` when it names nothing loadable."""
+    path = cfg.init_checkpoint
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        ckpt = latest_checkpoint(path, warn=False)
+        if ckpt is None:
+            raise ConfigError("init_checkpoint", path, "no softmask checkpoint in this directory (expected a run "
+                                                       "directory with checkpoints/, a checkpoint directory holding "
+                                                       "model.safetensors and config.json, or an ALBEF checkpoint "
+                                                       "file)")
+        source = ("run", ckpt)
+    elif os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        if os.path.basename(path) == "model.safetensors" and os.path.isfile(os.path.join(folder, "config.json")):
+            source = ("run", folder)
+        else:
+            return "albef", path
+    else:
+        raise ConfigError("init_checkpoint", path, "no such file or directory (expected a softmask run or "
+                                                   "checkpoint directory, or an ALBEF checkpoint file such as "
+                                                   "ALBEF_4M.pth)")
+    if cfg.partial_load:
+        raise ConfigError("partial_load", NO_VALUE, f"only applies to an ALBEF checkpoint file; the softmask "
+                                                    f"checkpoint {source[1]} must fit the model exactly")
+    return source
+
+
+# ModelConfig fields that shape the weights: a model started from a softmask checkpoint keeps its checkpoint's
+_ARCHITECTURE = ("fusion_layers", "vision_stem", "vision_registers", "queue_size")
+
+
+def _model_from_run(cfg: TrainConfig, ckpt: str, field: str):
+    """``(ModelConfig, tokenizer)`` of a model that starts from the softmask checkpoint ``ckpt``: the
+    checkpoint's model settings, with the objective's settings that ``cfg`` gives (gamma, alpha, softmask,
+    loss weights, text_aug, ...) replacing its own, and the checkpoint's tokenizer (``cfg.tokenizer`` when
+    given: its vocabulary must be the checkpoint's). ``field`` names the setting in errors."""
+    try:
+        saved = load_checkpoint_config(ckpt)
+        base = ModelConfig.from_dict(saved.get("model") or {})
+    except (CheckpointError, ValueError, TypeError) as e:
+        raise ConfigError(field, NO_VALUE, f"checkpoint {ckpt}: {e}") from None
+    saved_preset = saved["train"].get("preset", "tiny")
+    if cfg.preset != saved_preset:
+        raise ConfigError("preset", cfg.preset, f"the checkpoint {ckpt} holds a {saved_preset!r} model; expected "
+                                                f"{saved_preset!r} (or leave the preset out)")
+    for name in _ARCHITECTURE:
+        value = getattr(cfg, name)
+        if value is not None and value != getattr(base, name):
+            raise ConfigError(name, value, f"the checkpoint {ckpt} has {name} = {getattr(base, name)!r}; a model "
+                                           f"started from it keeps its architecture (leave {name} out)")
+    if cfg.tokenizer is not None:
+        tokenizer = _tokenizer(cfg.tokenizer)
+    else:
+        tok_dir = os.path.normpath(os.path.join(ckpt, saved.get("tokenizer_dir", "../../tokenizer")))
+        tokenizer = _tokenizer(tok_dir if os.path.isdir(tok_dir) else saved["train"].get("tokenizer"), field)
+    if len(tokenizer) != base.vocab_size or int(tokenizer.pad_token_id) != base.pad_token_id:
+        raise ConfigError("tokenizer", cfg.tokenizer or NO_VALUE,
+                          f"{len(tokenizer)} tokens (padding id {tokenizer.pad_token_id}), but the checkpoint {ckpt} "
+                          f"was trained with {base.vocab_size} (padding id {base.pad_token_id}); expected its "
+                          f"tokenizer (leave --tokenizer out to use the one saved with it)")
+    reference = cfg.impl == "reference"
+    over = {k: getattr(cfg, k) for k in cfg.MODEL_OVERRIDES if k not in _ARCHITECTURE and getattr(cfg, k) is not None}
+    try:
+        mcfg = base.replace(**over, attn_impl="eager" if reference else "auto",
+                            op_backend="reference" if reference else "auto")
+    except ValueError as e:
+        m = re.match(r"(\w+)[: ]\s*(.*)", str(e))
+        name = m.group(1) if m and m.group(1) in over else field
+        raise ConfigError(name, over.get(name, NO_VALUE), m.group(2) if m and name in over else str(e)) from None
+    return mcfg, tokenizer
+
+
+def _load_init(model: SoftMaskALBEF, cfg: TrainConfig, init: tuple, notes: list) -> Optional[dict]:
+    """Load the weights training starts from (``init`` from :func:`_init_source`) into ``model``; lines for
+    the log go to ``notes``. Returns the ALBEF load report (None for a softmask checkpoint)."""
+    kind, path = init
+    if kind == "run":
+        try:
+            load_model_weights(model, path)
+        except (CheckpointError, ValueError) as e:
+            raise ConfigError("init_checkpoint", NO_VALUE, str(e)) from None
+        notes.append(f"started from the softmask checkpoint {path} (every weight, the queues and the temperature)")
+        return None
+    from softmask.model.albef_checkpoint import load_albef_checkpoint
+
+    allow = ("mlm_head.",) if model.cfg.weight_mlm == 0 else ()  # ALBEF's retrieval checkpoints have no MLM head
+    try:
+        report = load_albef_checkpoint(model, path, allow_missing=allow, partial=cfg.partial_load)
+    except (FileNotFoundError, ValueError) as e:
+        msg = str(e)
+        if "word_embeddings" in msg:
+            msg += (f"; the vocabulary is the tokenizer's ({model.cfg.vocab_size} tokens): ALBEF's checkpoints need "
+                    f"bert-base-uncased's tokenizer directory (--tokenizer)")
+        raise ConfigError("init_checkpoint", NO_VALUE, msg) from None
+    missing = report["missing"]
+    notes.append(f"started from the ALBEF checkpoint {path}: {report['loaded']} tensors loaded, "
+                 f"{len(missing)} missing (left at their init{': ' + ', '.join(missing[:4]) if missing else ''}"
+                 f"{', ...' if len(missing) > 4 else ''}), {len(report['unexpected'])} unexpected, "
+                 f"{len(report['ignored'])} ignored (no counterpart here by design); pos_embed {report['pos_embed']}, "
+                 f"queues {report['queues']}, momentum copies "
+                 f"{'from the online weights' if report['momentum_from_online'] else 'loaded'}")
+    return report
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run the pretraining described by ``cfg``. Returns a summary dict
-    (``out``, ``steps``, ``last_losses``, ``eval`` when evaluated, ``wall_s``).
+    """Run the training (pretraining or retrieval fine-tuning, ``cfg.task``) described by ``cfg``. Returns
+    a summary dict (``out``, ``steps``, ``last_losses``, ``eval`` when evaluated, ``wall_s``, and
+    ``init_report`` when it started from an ALBEF checkpoint).
 
     Raises :class:`ConfigError` (a ValueError naming the setting) for settings that cannot work here: an
     unavailable device, a data or test set that is missing, malformed or without readable images, a
-    ``resume`` whose checkpoint has other settings or cannot be loaded."""
-    from softmask.data import candidate_word_mask, Collator, get_tokenizer, mask_tokens
+    ``resume`` whose checkpoint has other settings or cannot be loaded, an ``init_checkpoint`` that is
+    missing, refused, truncated or does not fit the model."""
+    from softmask.data import candidate_word_mask, Collator, mask_tokens
 
+    prog = PROGS[cfg.task]
     t_start = time.time()
     device = _setup_distributed(cfg.device)
     _set_threads(cfg.threads, device)
@@ -551,12 +737,21 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         stale = remove_stale(out)  # leftovers of saves interrupted by a kill
         if stale:
-            print(f"softmask-pretrain: removed {len(stale)} leftover(s) of interrupted checkpoint saves in "
+            print(f"{prog}: removed {len(stale)} leftover(s) of interrupted checkpoint saves in "
                   f"{out}/checkpoints: {', '.join(stale)}", file=sys.stderr)
     ckpt = _resume_checkpoint(cfg, out, is_main) if cfg.resume else None
 
-    over = {k: getattr(cfg, k) for k in cfg.MODEL_OVERRIDES if getattr(cfg, k) is not None}
-    prepared = prepare_data(cfg, model_preset(cfg.preset, **over).image_size, out, write=is_main)
+    # the model's settings and tokenizer: a softmask checkpoint's own when training starts from one (on resume:
+    # the run's checkpoint), else the preset's with the overrides
+    init = _init_source(cfg) if ckpt is None else None
+    if ckpt is not None and cfg.init_checkpoint is not None:
+        mcfg, tokenizer = _model_from_run(cfg, ckpt, "resume")
+    elif init is not None and init[0] == "run":
+        mcfg, tokenizer = _model_from_run(cfg, init[1], "init_checkpoint")
+    else:
+        tokenizer = _tokenizer(cfg.tokenizer)
+        mcfg = cfg.model_config(tokenizer)
+    prepared = prepare_data(cfg, mcfg.image_size, out, write=is_main)
     dataset = prepared.train
     per_epoch = EpochBatches.per_epoch(len(dataset), cfg.batch_size, world)
     if per_epoch == 0:
@@ -565,9 +760,10 @@ def train(cfg: TrainConfig) -> dict:
                           f"{f' for {world} processes' if world > 1 else ''}; one batch must fit in it)")
     total_steps = cfg.steps if cfg.epochs is None else cfg.epochs * per_epoch
 
-    tokenizer = get_tokenizer(cfg.tokenizer)
     tok_dir = os.path.join(out, "tokenizer")
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer, mcfg)
+    init_report = _load_init(model, cfg, init, prepared.notes) if init is not None else None
+    model = model.to(device)
     mcfg = model.cfg
     if is_main:
         tokenizer.save_pretrained(tok_dir)
@@ -575,8 +771,10 @@ def train(cfg: TrainConfig) -> dict:
                            {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "tokenizer",
                             "world_size": world, "total_steps": total_steps})
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.lr, cfg.temp_lr_scale), lr=cfg.lr,
-                                  betas=(0.9, 0.999))
+    # a head without a loss (MLM in fine-tuning) is left out of the optimizer: weight decay would only shrink it
+    frozen = ("mlm_head.",) if mcfg.weight_mlm == 0 else ()
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.lr, cfg.temp_lr_scale, frozen),
+                                  lr=cfg.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
     step, cursor, num_dropped = 0, 0, 0
@@ -591,9 +789,9 @@ def train(cfg: TrainConfig) -> dict:
         step, cursor, num_dropped = state["step"], state["cursor"], state.get("num_dropped", 0)
         set_rng_state(state["rng"])
         if is_main:
-            print(f"softmask-pretrain: resumed from {ckpt} (step {step})", file=sys.stderr)
+            print(f"{prog}: resumed from {ckpt} (step {step})", file=sys.stderr)
     if is_main:  # after every check that can stop the run: an error is the only line of a run that fails
-        print_notes(prepared.notes)
+        print_notes(prepared.notes, prog)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if is_main:
         if ckpt is not None:
@@ -636,9 +834,10 @@ def train(cfg: TrainConfig) -> dict:
     if is_main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="pretrain" if cfg.task == "pretrain" else "finetune",
+                   dynamic_ncols=True)
     last, window_t, window_n = {}, time.time(), 0
-    guard = _ThreadGuard(enabled=cfg.threads is None and device.type == "cpu" and world == 1)
+    guard = _ThreadGuard(enabled=cfg.threads is None and device.type == "cpu" and world == 1, prog=prog)
     model.train()
     if watch is not None and step == 0 and total_steps >= cfg.pointing_every:
         with open(metrics_path, "a") as f:
@@ -667,6 +866,8 @@ def train(cfg: TrainConfig) -> dict:
         torch.manual_seed(mix_seed(cfg.seed, step, rank, 3))
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, rank, 4))
         mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], tokenizer, prob=mcfg.mlm_prob, generator=gen)
+        if mcfg.weight_mlm == 0:  # no MLM (fine-tuning): no token is predicted; the masked view stays for text_aug
+            mlm_labels = torch.full_like(mlm_labels, -100)
         view_ids = mlm_ids if mcfg.text_aug else batch["input_ids"]
         cand = candidate_word_mask(view_ids, batch["attention_mask"], tokenizer)
         alpha = mcfg.alpha * min(1.0, step / ramp)
@@ -680,6 +881,7 @@ def train(cfg: TrainConfig) -> dict:
                 mlm_labels=mlm_labels.to(device),
                 word_candidates=cand.to(device),
                 alpha=alpha,
+                ids=batch["ids"].to(device) if cfg.use_ids else None,
             )
         terms = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
         finite = torch.isfinite(terms).all().float().reshape(1)
@@ -736,6 +938,8 @@ def train(cfg: TrainConfig) -> dict:
 
     summary = {"out": out, "steps": step, "last_losses": last, "num_dropped": num_dropped,
                "train_wall_s": time.time() - t_start}
+    if init_report is not None:
+        summary["init_report"] = init_report
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -743,7 +947,7 @@ def train(cfg: TrainConfig) -> dict:
         from softmask.eval.evaluate import evaluate_run
 
         if prepared.eval_split == "train":
-            print_notes([f"evaluating on the training data ({cfg.data}), not on held-out data: the retrieval numbers "
+            print_notes(prog=prog, notes=[f"evaluating on the training data ({cfg.data}), not on held-out data: the retrieval numbers "
                          f"measure fit (eval.json: \"eval_on_training_data\": true)"])
         evaluate_run(out, device=device, model=model, tokenizer=tokenizer, k=cfg.eval_k, test_size=cfg.test_size,
                      data=prepared.eval_data, image_root=prepared.eval_image_root)
