@@ -267,3 +267,23 @@ def test_model_passes_the_queue_without_a_copy(tok, batch, monkeypatch):
     assert isinstance(seen["text_keys"], tuple) and seen["text_keys"][1] is model.text_queue
     assert isinstance(seen["image_keys"], tuple) and seen["image_keys"][1] is model.image_queue
     assert seen["text_keys"][0] is seen["text_feat_m"] and seen["image_keys"][0] is seen["image_feat_m"]
+
+
+def test_vision_pool_max_reads_the_patch_tokens_not_cls():
+    from softmask.model import SoftMaskALBEF, model_preset
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", vision_depth=1, queue_size=8, vision_pool="max")
+    model = SoftMaskALBEF(cfg).eval()
+    embeds = torch.randn(3, 1 + 64, cfg.vision_width)
+    got = model._image_feature(embeds, model.vision_proj)
+    want = torch.nn.functional.normalize(model.vision_proj(embeds[:, 1:].amax(1)), dim=-1)
+    torch.testing.assert_close(got, want)
+    changed = embeds.clone()
+    changed[:, 0] += 5.0  # [CLS] does not enter the max-pooled feature
+    torch.testing.assert_close(model._image_feature(changed, model.vision_proj), got)
+    cls = SoftMaskALBEF(cfg.replace(vision_pool="cls")).eval()
+    cls.load_state_dict(model.state_dict())
+    assert not torch.allclose(cls._image_feature(changed, cls.vision_proj), cls._image_feature(embeds, cls.vision_proj))
+    with pytest.raises(ValueError, match="vision_pool: expected 'cls' or 'max', got 'mean'"):
+        model_preset("tiny", vision_pool="mean")

@@ -227,7 +227,13 @@ class SoftMaskALBEF(nn.Module):
     def encode_image(self, image: torch.Tensor):
         """``image [B,3,S,S] -> (embeds [B, 1+P, Dv], feat [B, E] unit-norm)``."""
         embeds = self._image_tokens(self.visual_encoder, image)
-        return embeds, F.normalize(self.vision_proj(embeds[:, 0]).float(), dim=-1)
+        return embeds, self._image_feature(embeds, self.vision_proj)
+
+    def _image_feature(self, embeds: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+        """The unit-norm ITC image feature from ViT tokens ``[B, 1+P, Dv]``: the projection of [CLS]
+        (``vision_pool="cls"``, ALBEF) or of the elementwise max over the patch tokens ("max")."""
+        pooled = embeds[:, 1:].amax(1) if self.cfg.vision_pool == "max" else embeds[:, 0]
+        return F.normalize(proj(pooled).float(), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """``ids [B, L] -> (embeds [B, L, hidden], feat [B, E] unit-norm)``."""
@@ -323,7 +329,7 @@ class SoftMaskALBEF(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             image_embeds_m = self._image_tokens(self.visual_encoder_m, image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
+            image_feat_m = self._image_feature(image_embeds_m, self.vision_proj_m)
             text_embeds_m = self.text_encoder_m(text_ids, attention_mask)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]).float(), dim=-1)
         # key banks [momentum features of the batch; queue] passed as parts: no per-step copy of the queue; the op

@@ -40,6 +40,10 @@ class ModelConfig:
     vision_registers: int = 0
     # "patch": ViT's linear patch projection (loads timm / ALBEF weights); "conv": 3x3 stride-2 conv stem
     vision_stem: str = "patch"
+    # what the ITC image feature reads: "cls" (ALBEF: the [CLS] token) or "max" (the elementwise max over
+    # the patch tokens; docs/TRAINING_NOTES.md H8: a ViT learns the shapes data's shapes under max pooling
+    # and not through [CLS] within the pretraining budget)
+    vision_pool: str = "cls"
     # ------------------------------------------------------------------ text / fusion encoders (BERT layout)
     vocab_size: int = 30522
     hidden_size: int = 128
@@ -107,6 +111,8 @@ class ModelConfig:
             raise ValueError(f"momentum: expected a value in [0, 1], got {self.momentum}")
         if self.vision_stem not in ("patch", "conv"):
             raise ValueError(f"vision_stem: expected 'patch' or 'conv', got {self.vision_stem!r}")
+        if self.vision_pool not in ("cls", "max"):
+            raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
         if self.vision_registers < 0:
             raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:
