@@ -287,3 +287,43 @@ def test_vision_pool_max_reads_the_patch_tokens_not_cls():
     assert not torch.allclose(cls._image_feature(changed, cls.vision_proj), cls._image_feature(embeds, cls.vision_proj))
     with pytest.raises(ValueError, match="vision_pool: expected 'cls' or 'max', got 'mean'"):
         model_preset("tiny", vision_pool="mean")
+
+
+def _forward(model, batch):
+    torch.manual_seed(0)
+    return model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
+                 mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=0.4)
+
+
+def test_caption_bag_of_words_loss(tok, batch):
+    torch.manual_seed(0)
+    off = SoftMaskALBEF(small(tok))
+    assert off.bow_head is None and not any(k.startswith("bow_head") for k in off.state_dict())
+    torch.manual_seed(0)
+    on = SoftMaskALBEF(small(tok, weight_bow=0.5))
+    # the head is created last: every other weight starts as without it
+    for k, v in off.state_dict().items():
+        assert torch.equal(v, on.state_dict()[k]), k
+    assert float(_forward(off, batch)["loss_bow"]) == 0.0
+    with torch.no_grad():  # rig the head: uniform logits, so the loss is log(vocab) whatever the target
+        on.bow_head.weight.zero_()
+        on.bow_head.bias.zero_()
+    out = _forward(on, batch)
+    torch.testing.assert_close(out["loss_bow"], torch.tensor(math.log(len(tok))))
+    # a head that puts all mass on the caption's words (never [CLS] / [SEP] / [PAD]) drives the loss to its floor:
+    # the entropy of the caption's word distribution
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    special = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}
+    with torch.no_grad():
+        on.bow_head.bias.fill_(-30.0)
+        words = {int(t) for row, m in zip(ids, am) for t, keep in zip(row, m) if keep and int(t) not in special}
+        on.bow_head.bias[list(words)] = 0.0
+    low = _forward(on, batch)["loss_bow"]
+    assert low.item() < math.log(len(words)) + 1e-3
+    with torch.no_grad():
+        on.bow_head.weight.normal_(std=0.02)
+    _forward(on, batch)["loss_bow"].backward()  # the bag of words trains the ViT through the max
+    grad = on.visual_encoder.patch_embed.proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="weight_bow: expected a float >= 0, got -1"):
+        model_preset("tiny", weight_bow=-1.0)

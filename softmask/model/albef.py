@@ -151,6 +151,8 @@ class SoftMaskALBEF(nn.Module):
         # the positive id of every queue slot (ALBEF's idx_queue); -100: empty, or written without ids
         self.register_buffer("idx_queue", torch.full((cfg.queue_size,), -100, dtype=torch.long))
         self._register_load_state_dict_pre_hook(self._fill_missing_idx_queue)
+        # created last and only when used, so that the other weights' initialization does not depend on it
+        self.bow_head = nn.Linear(cfg.vision_width, cfg.vocab_size) if cfg.weight_bow > 0 else None
 
     def _fill_missing_idx_queue(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the id queue existed: every slot unknown (-100 matches nothing)
@@ -391,6 +393,20 @@ class SoftMaskALBEF(nn.Module):
             loss_softmask = image_feat.new_zeros(())
             mask_mean = image_feat.new_ones(())
 
+        # ---------------------------------------------------------------- caption bag of words (optional)
+        if self.bow_head is not None:
+            L = input_ids.shape[1]
+            pos = torch.arange(L, device=input_ids.device)
+            last = attention_mask.long().sum(1, keepdim=True) - 1  # [SEP]
+            words = attention_mask.bool() & (pos[None, :] > 0) & (pos[None, :] < last)  # not [CLS] / [SEP] / [PAD]
+            target = torch.zeros(B, cfg.vocab_size, device=image.device)
+            target.scatter_add_(1, input_ids, words.float())
+            target = target / target.sum(1, keepdim=True).clamp_min(1.0)
+            bow_logits = self.bow_head(image_embeds[:, 1:].amax(1)).float()
+            loss_bow = -(target * F.log_softmax(bow_logits, dim=1)).sum(1).mean()
+        else:
+            loss_bow = image_feat.new_zeros(())
+
         # ---------------------------------------------------------------- MLM
         if cfg.text_aug:
             fused_mlm = fused_pos
@@ -409,6 +425,7 @@ class SoftMaskALBEF(nn.Module):
             + cfg.weight_itm * loss_itm
             + cfg.weight_softmask * loss_softmask
             + cfg.weight_mlm * loss_mlm
+            + cfg.weight_bow * loss_bow
         )
         return dict(
             loss=loss,
@@ -416,5 +433,6 @@ class SoftMaskALBEF(nn.Module):
             loss_itm=loss_itm,
             loss_softmask=loss_softmask,
             loss_mlm=loss_mlm,
+            loss_bow=loss_bow,
             mask_mean=mask_mean,
         )

@@ -72,6 +72,9 @@ class ModelConfig:
     weight_itm: float = 1.0
     weight_softmask: float = 1.0
     weight_mlm: float = 1.0
+    # caption bag-of-words from the max over the ViT's patch tokens (0: off, no head): which vocabulary words
+    # the caption names, a readout of the patches without attention (docs/TRAINING_NOTES.md H10)
+    weight_bow: float = 0.0
     mlm_prob: float = 0.15
     softmask: bool = True  # False: the --no-softmask ablation
     mask_floor: float = 0.0  # soft mask value on the most word-related patch
@@ -111,6 +114,9 @@ class ModelConfig:
             raise ValueError(f"momentum: expected a value in [0, 1], got {self.momentum}")
         if self.vision_stem not in ("patch", "conv"):
             raise ValueError(f"vision_stem: expected 'patch' or 'conv', got {self.vision_stem!r}")
+        if not (isinstance(self.weight_bow, (int, float)) and not isinstance(self.weight_bow, bool)
+                and self.weight_bow >= 0):
+            raise ValueError(f"weight_bow: expected a float >= 0, got {self.weight_bow!r}")
         if self.vision_pool not in ("cls", "max"):
             raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
         if self.vision_registers < 0:
