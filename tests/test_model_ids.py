@@ -38,14 +38,28 @@ def test_arange_ids_with_an_empty_id_queue_equal_no_ids(tok, batch):
     assert (a.idx_queue == -100).all()
 
 
-def test_ids_change_itc_and_reach_the_queue_positives(tok, batch):
+def test_ids_change_itc_and_reach_the_queue_positives(tok, batch, monkeypatch):
+    import softmask
+
     a, b = _pair(tok)
     ids = torch.tensor([0, 0, 1, 2, 2, 2])
     out_a, out_b = run_ids(a, batch, torch.arange(B)), run_ids(b, batch, ids)
     assert not torch.allclose(out_a["loss_itc"], out_b["loss_itc"])  # shared ids are positives
-    # second step: the queue now holds ids 0..2, which are positives for rows with those ids
-    out_a2, out_b2 = run_ids(a, batch, torch.arange(B) + 100), run_ids(b, batch, ids)
-    assert torch.isfinite(out_b2["loss"]) and out_b2["loss_itc"] < out_a2["loss_itc"]
+    # second step: the loss sees the batch ids and the id queue as it was before this step's enqueue
+    seen = []
+    real = softmask.focal_itc_loss
+
+    def spy(*args, **kw):
+        seen.append((kw["ids"].clone(), kw["key_ids"][0].clone(), kw["key_ids"][1].clone()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(softmask, "focal_itc_loss", spy)
+    out_b2 = run_ids(b, batch, ids + 10)
+    assert torch.isfinite(out_b2["loss"])
+    (row_ids, batch_key_ids, queue_ids), = seen
+    assert row_ids.tolist() == batch_key_ids.tolist() == (ids + 10).tolist()
+    assert queue_ids[:B].tolist() == ids.tolist() and (queue_ids[B:] == -100).all()
+    assert b.idx_queue[B:2 * B].tolist() == (ids + 10).tolist()  # then enqueued behind the first batch
 
 
 def test_hard_negatives_never_share_an_id(tok):
