@@ -264,6 +264,28 @@ def test_finetune_from_pretraining_end_to_end(pre, ft):
     assert os.path.getsize(os.path.join(out, "plots", "loss_curves.png")) > 0
 
 
+def test_softmask_eval_of_a_finetuned_run_on_another_seed(ft, tmp_path, monkeypatch):
+    """``softmask-eval --seed N`` scores the shapes held-out split of seed N (default: the run's own)."""
+    import softmask.data
+    from softmask.eval.__main__ import main as eval_main
+
+    seeds = []
+    real = softmask.data.build_dataset
+
+    def spy(spec, split, *args, **kw):
+        seeds.append((spec, split, kw.get("seed"), kw.get("size")))
+        return real(spec, split, *args, **kw)
+
+    monkeypatch.setattr(softmask.data, "build_dataset", spy)
+    dst = str(tmp_path / "ev")
+    assert eval_main(["--checkpoint", ft["out"], "--seed", "5", "--test-size", "6", "--k", "2", "--out", dst,
+                      "--no-plots"]) == 0
+    assert eval_main(["--checkpoint", ft["out"], "--test-size", "6", "--k", "2", "--out", dst, "--no-plots"]) == 0
+    assert seeds == [("shapes", "test", 5, 6), ("shapes", "test", 0, 6)]
+    assert json.load(open(os.path.join(dst, "eval.json")))["num_images"] == 6
+    assert eval_main(["--checkpoint", ft["out"], "--seed", "-1"]) == 2
+
+
 def test_finetune_without_ids_and_without_the_method(pre, tmp_path):
     out = str(tmp_path / "noids")
     rc = finetune(["--checkpoint", pre, "--out", out, "--steps", "2", "--no-eval", "--no-ids", "--no-softmask",

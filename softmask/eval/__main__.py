@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-root", default=None,
                    help="directory the --data image paths are relative to (default: that JSON's folder)")
     p.add_argument("--test-size", type=int, default=None, help="shapes held-out items (default: 256)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="shapes: the held-out split of this seed (default: the run's own seed)")
     p.add_argument("--k", type=int, default=16, help="top-k of the ITC ranking rescored by the ITM head")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="where eval.json and plots/ go (default: the run directory)")
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
             raise ConfigError("k", a.k, "expected a positive integer")
         if a.test_size is not None and a.test_size < 1:
             raise ConfigError("test_size", a.test_size, "expected a positive integer")
+        if a.seed is not None and a.seed < 0:
+            raise ConfigError("seed", a.seed, "expected a non-negative integer")
         ckpt = latest_checkpoint(a.checkpoint)
         if ckpt is None:
             raise FileNotFoundError(
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
         if a.out is not None:
             os.makedirs(a.out, exist_ok=True)  # evaluate_run creates it only when it draws plots
         res = evaluate_run(a.checkpoint, device=device, k=a.k, test_size=a.test_size, image_root=root, data=data,
-                           plots=not a.no_plots, out_dir=a.out)
+                           plots=not a.no_plots, out_dir=a.out, seed=a.seed)
         res = annotate_eval(os.path.join(a.out or a.checkpoint, "eval.json"), data, split)
     except ConfigError as e:
         flag = flags.get(e.field, f"--{e.field.replace('_', '-')}")

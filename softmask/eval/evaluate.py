@@ -452,11 +452,12 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
 def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF] = None, tokenizer=None,
                  k: int = 16, test_size: Optional[int] = None, image_root: Optional[str] = None,
                  data: Optional[str] = None, plots: bool = True, out_dir: Optional[str] = None,
-                 extra: Optional[dict] = None) -> dict:
+                 extra: Optional[dict] = None, seed: Optional[int] = None) -> dict:
     """Evaluate a run directory (or checkpoint directory); writes ``eval.json`` and ``plots/`` into
     ``out_dir`` (default: the run directory; created if needed). Pass ``model``/``tokenizer`` to skip
     loading. ``image_root`` defaults to the run's only when ``data`` is the run's own data set.
-    ``extra`` entries are added to the result (and to ``eval.json``)."""
+    ``extra`` entries are added to the result (and to ``eval.json``). ``seed``: the shapes held-out split of
+    this seed (default: the run's own)."""
     from softmask.data import build_dataset
     from softmask.eval.plots import plot_loss_curves
 
@@ -474,7 +475,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     if image_root is None and spec == tcfg["data"]:
         image_root = tcfg.get("image_root")
     ds = build_dataset(spec, "test", model.cfg.image_size, train=False, image_root=image_root,
-                       seed=tcfg["seed"], size=test_size if spec == "shapes" else None)
+                       seed=tcfg["seed"] if seed is None else seed, size=test_size if spec == "shapes" else None)
     plot_dir = os.path.join(out_dir, "plots")
     res = evaluate(model, tokenizer, ds, k=k, device=device,
                    overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None,
