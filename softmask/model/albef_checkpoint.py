@@ -32,6 +32,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from softmask.model.pretrained import fit_pos_embed
+
 __all__ = ["read_checkpoint_file", "albef_key_map", "load_albef_checkpoint", "is_albef_state"]
 
 # keys of ALBEF checkpoints that have no counterpart here, by design
@@ -117,21 +119,6 @@ def albef_key_map(key: str, text_layers: int) -> Optional[str]:
     return None
 
 
-def _fit_pos_embed(pe: torch.Tensor, vit) -> torch.Tensor:
-    """ALBEF's ``pos_embed [1, 1 + P, D]`` on this ViT's grid (bicubic, as ALBEF's
-    ``interpolate_pos_embed``), with this ViT's register positions (kept at their init) after [CLS]."""
-    from timm.layers import resample_abs_pos_embed
-
-    R = getattr(vit, "num_reg_tokens", 0) if not getattr(vit, "no_embed_class", False) else 0
-    target = vit.pos_embed
-    if pe.shape[1] - 1 != target.shape[1] - 1 - R:
-        pe = resample_abs_pos_embed(pe.float(), new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=1,
-                                    antialias=False).to(pe.dtype)
-    if R:
-        pe = torch.cat([pe[:, :1], target[:, 1 : 1 + R].detach().to(pe.dtype), pe[:, 1:]], dim=1)
-    return pe
-
-
 @torch.no_grad()
 def load_albef_checkpoint(model, source, *, partial: bool = False, allow_missing: Iterable[str] = ()) -> dict:
     """Load an ALBEF checkpoint (a path, or a state dict with ALBEF's key names) into ``model``.
@@ -202,7 +189,7 @@ def load_albef_checkpoint(model, source, *, partial: bool = False, allow_missing
         if tgt.endswith("pos_embed"):
             vit = model.visual_encoder if tgt.startswith("visual_encoder.") else model.visual_encoder_m
             before = v.shape[1]
-            v = _fit_pos_embed(v, vit)
+            v = fit_pos_embed(v, vit, antialias=False)  # as ALBEF's interpolate_pos_embed
             if v.shape[1] != before:
                 report["pos_embed"] = f"resampled {before - 1} -> {v.shape[1] - 1 - cfg.vision_registers} patches"
         if tgt == "temp":

@@ -25,17 +25,27 @@ __all__ = ["load_pretrained", "bert_key_map"]
 
 
 def _load_state(path: str) -> dict:
+    from softmask.model.albef_checkpoint import read_checkpoint_file
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained weights: {path!r} does not exist (weights load only from local paths)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    return read_checkpoint_file(path, what="pretrained weights")
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and k in state and isinstance(state[k], dict):
-            state = state[k]
-    return state
+
+def fit_pos_embed(pe: torch.Tensor, vit, *, antialias: bool) -> torch.Tensor:
+    """A checkpoint's ViT ``pos_embed [1, 1 + P, D]`` on ``vit``'s patch grid (bicubic, resampled only when the
+    grid differs), with ``vit``'s register positions (kept at their init: checkpoints have none) after [CLS].
+    ``antialias``: timm's default (True) for timm checkpoints, False as ALBEF's ``interpolate_pos_embed``."""
+    from timm.layers import resample_abs_pos_embed
+
+    R = getattr(vit, "num_reg_tokens", 0) if not getattr(vit, "no_embed_class", False) else 0
+    target = vit.pos_embed
+    if pe.shape[1] - 1 != target.shape[1] - 1 - R:
+        pe = resample_abs_pos_embed(pe.float(), new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=1,
+                                    antialias=antialias).to(pe.dtype)
+    if R:
+        pe = torch.cat([pe[:, :1], target[:, 1 : 1 + R].detach().to(pe.dtype), pe[:, 1:]], dim=1)
+    return pe
 
 
 def bert_key_map(key: str, text_layers: int) -> Optional[str]:
@@ -77,14 +87,7 @@ def load_pretrained(model, *, vit_checkpoint: Optional[str] = None, bert_dir: Op
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         vit = model.visual_encoder
         if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
-            from timm.layers import resample_abs_pos_embed
-
-            grid = vit.patch_embed.grid_size
-            pe = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=1)  # (1, 1 + P, D)
-            R = vit.pos_embed.shape[1] - pe.shape[1]  # register tokens with a position embedding of their own
-            if R > 0:  # the checkpoint has none for them: they keep their init
-                pe = torch.cat([pe[:, :1], vit.pos_embed[:, 1 : 1 + R].detach().to(pe.dtype), pe[:, 1:]], dim=1)
-            state["pos_embed"] = pe
+            state["pos_embed"] = fit_pos_embed(state["pos_embed"], vit, antialias=True)
         missing, unexpected = vit.load_state_dict(state, strict=False)
         # register tokens (ModelConfig.vision_registers) are not in ordinary ViT checkpoints: they keep their init
         fresh = [k for k in missing if k == "reg_token"]
