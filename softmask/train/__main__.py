@@ -197,6 +197,18 @@ def _flag_of(field: str, parser: argparse.ArgumentParser):
     return None
 
 
+def _saved_train_config(run: str):
+    """``(checkpoint dir, its train settings)`` of the run's latest checkpoint; ``(None, {})`` without one,
+    ``(ckpt, {})`` when its config cannot be read (train() reports that)."""
+    ckpt = latest_checkpoint(run, warn=False)
+    if ckpt is None:
+        return None, {}
+    try:
+        return ckpt, load_checkpoint_config(ckpt)["train"]
+    except CheckpointError:
+        return ckpt, {}
+
+
 def config_from_argv(argv=None, sources=None, task: str = "pretrain"):
     """``(TrainConfig, sources)`` from command-line arguments: defaults (the task's, :data:`TASK_DEFAULTS`),
     then ``--config``, then the flags given; with ``--resume``, the checkpoint's settings fill in what
@@ -227,24 +239,16 @@ def config_from_argv(argv=None, sources=None, task: str = "pretrain"):
         values[k], sources[k] = v, ("flag", _flag_of(k, parser))
     if values.get("resume"):
         out = values.get("out", TASK_DEFAULTS[task].get("out", TrainConfig.out))
-        ckpt = latest_checkpoint(out, warn=False)
+        ckpt, saved = _saved_train_config(out)
         if ckpt is not None:
-            try:
-                saved = load_checkpoint_config(ckpt)["train"]
-            except CheckpointError:
-                saved = {}  # train() reports it
             names = {f.name for f in dataclasses.fields(TrainConfig)}
             for k, v in saved.items():
                 if k in names and k not in values and k not in ("out", "resume"):
                     values[k], sources[k] = v, ("checkpoint", f"{ckpt}/config.json")
     init = values.get("init_checkpoint")
     if init is not None and os.path.isdir(init):  # a softmask run: its model settings
-        ckpt = latest_checkpoint(init, warn=False)
+        ckpt, saved = _saved_train_config(init)
         if ckpt is not None:
-            try:
-                saved = load_checkpoint_config(ckpt)["train"]
-            except CheckpointError:
-                saved = {}  # train() reports it
             for k in _FROM_CHECKPOINT:
                 if k in saved and k not in values:
                     values[k], sources[k] = saved[k], ("checkpoint", f"--checkpoint {ckpt}/config.json")
