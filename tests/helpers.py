@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import pytest
 import torch
 
 # Error allowed relative to the largest |truth| of a tensor, by dtype of the inputs
@@ -89,3 +90,12 @@ def compile_for_gpu(fn, arg_types: dict, constexprs: dict, *, arch: int = 90, nu
     src = ASTSource(jit_fn, sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's training runs (import it into the module with ``usefixtures``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,18 +20,12 @@ from softmask.train.__main__ import config_from_argv
 from softmask.train.checkpoint import latest_checkpoint
 from softmask.train.finetune import main as finetune
 from softmask.train.loop import LOSS_TERMS, TrainConfig, train
+from tests.helpers import one_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.filterwarnings("ignore:skipping image:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:skipping image:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "4", "--train-size", "16", "--no-progress", "--threads", "1", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

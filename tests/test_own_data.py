@@ -21,20 +21,14 @@ from softmask.train.__main__ import config_from_argv, main
 from softmask.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, rng_state, set_rng_state
 from softmask.train.data import prepare_data
 from softmask.train.loop import TrainConfig, train
+from tests.helpers import one_thread  # noqa: F401 (fixture)
 
 # the corrupt and missing images of these data sets are reported with a RuntimeWarning each time they are read
-pytestmark = pytest.mark.filterwarnings("ignore:skipping image:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:skipping image:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch-size", "4", "--queue-size", "16", "--no-progress", "--threads", "1", "--pointing-every", "0",
         "--log-every", "1", "--save-every", "5"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
