@@ -18,6 +18,7 @@ import softmask
 from softmask import reference
 from softmask.kernels import focal_itc as focal_kernels
 from tests.helpers import assert_close
+from softmask.ops import focal_itc as focal_ops
 from tests.test_focal_itc import _assert_tolerance_catches, _cond, _feats, _poison_buffers, _problem, _run
 
 CUDA = torch.cuda.is_available()
@@ -302,6 +303,58 @@ def test_split_over_keys_with_ids(monkeypatch, splits, gamma, alpha, tau):
     assert_close((dtau * w).sum(), dtau_true, dtype=torch.float64, cond=cond, name=f"dtau, {splits} splits")
     assert torch.equal(stats[3].cpu(), counts.double().cpu()), "positive counts"
     assert_close(stats[0], torch.logsumexp(q @ k.t() / tau, dim=1), dtype=torch.float64, cond=cond, name="lse")
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma,tau", [(2.0, 0.07), (1.0, 0.07), (0.0, 0.07), (0.5, 0.001), (2.0, 0.001), (3.0, 0.5)])
+def test_torch_key_tiles(monkeypatch, with_ids, dtype, gamma, tau):
+    """The torch backend's momentum-target path tiled over the keys: a block budget of
+    3 x 130 logits gives row blocks of 14 or 13 rows (B = 40: 3 blocks), a tile budget
+    of 3 x 14 x 7 gives tiles of 21 keys (N = 130: 7 tiles, the last of 4 keys), so the
+    diagonal's one-hot mass and a row's positives fall in several tiles and every tile
+    of a block both holds and lacks them. Against the float64 oracle, and against the
+    untiled path of the same dtype."""
+    monkeypatch.setattr(focal_ops, "TORCH_TILED_BLOCK_ELEMS", 3 * 130)
+    monkeypatch.setattr(focal_ops, "TORCH_TILE_ELEMS", 3 * 14 * 7)
+    B, N, D, alpha = 40, 130, 24, 0.4
+    q = _feats(B, D, dtype=dtype, seed=51)
+    k = _feats(N, D, dtype=dtype, seed=52)
+    qm = _feats(B, D, dtype=dtype, seed=53)
+    k[:B] = F.normalize(q.double().cpu() + 0.3 * k[:B].double().cpu(), dim=-1).to(device=k.device, dtype=dtype)
+    if with_ids:
+        key_ids = torch.arange(N) % 13
+        key_ids[::7] = EMPTY
+        ids = torch.arange(B) % 13
+        ids[5], ids[6] = EMPTY, 99
+        key_ids, ids = key_ids.to(DEVICE), ids.to(DEVICE)
+    else:
+        ids, key_ids = None, None
+    tau_t = torch.tensor(tau, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=q.device)
+    w = torch.linspace(0.5, 1.5, B, dtype=torch.float64, device=q.device)
+    before = [x.clone() for x in (q, k, qm)]
+    tiled = focal_ops.focal_itc_direction_torch(q, (k[:50], k[50:]), qm, tau_t, gamma, alpha, ids=ids,
+                                                key_ids=None if ids is None else (key_ids[:50], key_ids[50:]))
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, qm))), "the inputs were written to"
+    monkeypatch.setattr(focal_ops, "TILED_TARGETS", False)
+    untiled = focal_ops.focal_itc_direction_torch(q, k, qm, tau_t, gamma, alpha, ids=ids, key_ids=key_ids)
+    o_ids = torch.arange(B, device=DEVICE) if ids is None else ids
+    o_kids = torch.arange(N, device=DEVICE) if ids is None else key_ids
+    rows, dq_true, dtau_true, _ = _direction_truth(q, (k,), qm, tau, gamma, alpha, o_ids, o_kids, w)
+    cond = _cond(dtype, tau)
+    for name, (loss, dq, dtau, stats) in (("tiled", tiled), ("untiled", untiled)):
+        assert_close(loss.double(), rows, dtype=dtype, cond=cond, name=f"{name} loss")
+        assert_close(dq.double() * w[:, None], dq_true, dtype=dtype, cond=cond, name=f"{name} dQ")
+        assert_close((dtau.double() * w).sum(), dtau_true, dtype=dtype, cond=cond, name=f"{name} dtau")
+    lse = torch.logsumexp(q.double() @ k.double().t() / tau, dim=1)
+    assert_close(tiled[3][0].double(), lse, dtype=dtype, cond=cond, name="lse")
+    # S and g at the diagonal (stats[1], stats[2]; g is recorded for the key gradient, which never runs with
+    # momentum targets): the two paths write the focal terms in different forms, equal up to float64 rounding,
+    # a few float32 ulps apart (the loss and gradients above are what the float32 bound is for)
+    assert torch.equal(tiled[3][3], untiled[3][3]), "positive counts"
+    if dtype == torch.float64:
+        for i, what in enumerate(("lse", "S", "g_ii")):
+            assert_close(tiled[3][i], untiled[3][i], dtype=dtype, cond=cond, name=f"stats {what}")
 
 
 @pytest.mark.parametrize("splits", [2, 6])

@@ -3,7 +3,9 @@ autograd and ``torch.library`` registration.
 
 Backends: ``triton`` (``softmask.kernels.focal_itc``), ``torch`` (blocks of rows in
 plain PyTorch with the analytic gradient; at most :data:`TORCH_BLOCK_ELEMS` logits
-live at once), ``reference`` (``softmask.reference``, materialized, autograd).
+live at once, :data:`TORCH_TILED_BLOCK_ELEMS` twice over on the momentum-target path,
+whose elementwise work runs on key tiles of :data:`TORCH_TILE_ELEMS`), ``reference``
+(``softmask.reference``, materialized, autograd).
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ REDUCTIONS = ("mean", "sum", "none")
 # temporary. At B=1024, N=66,560, D=256 on a 2-core CPU a sweep over 2^20..2^24 gave
 # the same time within noise; 2^22 keeps the peak at a few such temporaries.
 TORCH_BLOCK_ELEMS = 1 << 22
+# Key-tile size (rows x keys) of the torch backend's momentum-target path: the elementwise
+# chain runs on tiles of at most this many logits (1 MiB in float32, the L2 of one core of
+# the CPU measured in benchmarks/NOTES.md), so its ~15 passes stay in cache and only the
+# stored logits stream from memory.
+TORCH_TILE_ELEMS = 1 << 18
+# Row block of the momentum-target path: its logits and momentum logits are stored whole
+# (2 x 64 MiB in float32), so that the matmuls run on ~250 rows at once (at 63 rows they
+# ran at 2/3 of the speed on the CPU of benchmarks/NOTES.md).
+TORCH_TILED_BLOCK_ELEMS = 1 << 24
+# The momentum-target path tiled over the keys (False: the row-block path, kept as the
+# tiled path's reference in tests/test_focal_itc_ids.py::test_torch_key_tiles).
+TILED_TARGETS = True
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -64,7 +78,8 @@ _WORKSPACE = threading.local()
 
 def _workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A scratch tensor of ``shape``. On the CPU one buffer per thread and dtype is kept and
-    reused between calls (at most 6 blocks of TORCH_BLOCK_ELEMS elements: 96 MiB in fp32):
+    reused between calls (at most 6 blocks of TORCH_BLOCK_ELEMS elements, 96 MiB in fp32, or 2 of
+    TORCH_TILED_BLOCK_ELEMS plus 4 tiles, 132 MiB):
     a fresh allocation of this size is mmapped and page-faulted anew by every call, which
     measured up to 40 % of a call's time. Elsewhere the device's caching allocator does this."""
     numel = math.prod(shape)
@@ -136,6 +151,152 @@ def _row_blocks(B: int, N: int):
         yield r0, min(B, r0 + step)
 
 
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+
+def _online_lse2(zt: Tensor, m: Tensor, s: Tensor, scratch: Tensor, arg: Optional[Tensor] = None,
+                 tile: int = 0) -> None:
+    """Merge one tile [rows, T] of base-2 logits into the running row max ``m`` and sum ``s``
+    of exp2(z - m); with ``arg``, also the index of the tile that holds the row max (the
+    first of ties; ``max`` with indices costs 8 ``amax`` on the CPU, so the column is found
+    later, in that tile only)."""
+    mt = zt.amax(1)
+    if arg is not None:
+        arg.masked_fill_(mt > m, tile)
+    m_new = torch.maximum(m, mt)
+    s.mul_(torch.exp2(m - m_new)).add_(torch.exp2(torch.sub(zt, m_new[:, None], out=scratch), out=scratch).sum(1))
+    m.copy_(m_new)
+
+
+def _focal_terms_tile(l2: Tensor, p: Tensor, gamma: float, t: Tensor, g: Tensor) -> None:
+    """The focal terms ``t = (1-p)^gamma`` and ``g = t (1 - gamma p l / (1-p))`` of one tile,
+    from base-2 log-probabilities ``l2`` (l = l2 ln 2), with ``1 - p`` as a subtraction: exact
+    to a relative eps wherever p <= 1/2, i.e. everywhere except possibly at a row's largest
+    logit, which :func:`_direction_targets_tiled` then recomputes with ``expm1``. For
+    gamma 2 (the paper's) and 1, ``g = (1-p)^(gamma-1) (1 - p - gamma p l)`` has no division."""
+    torch.sub(1.0, p, out=t)  # 1 - p
+    if gamma == 2.0:
+        torch.addcmul(t, p, l2, value=-2.0 * LN2, out=g).mul_(t)  # (1 - p)(1 - p - 2 p l)
+        t.mul_(t)
+    elif gamma == 1.0:
+        torch.addcmul(t, p, l2, value=-LN2, out=g)  # 1 - p - p l
+    else:
+        torch.div(l2, t.clamp_min(torch.finfo(t.dtype).tiny), out=g)  # l / (1 - p), up to ln 2
+        t.pow_(gamma)
+        g.mul_(p).mul_(-gamma * LN2).add_(1.0).mul_(t)
+
+
+def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_valid, acc):
+    """The momentum-target path of :func:`focal_itc_direction_torch`, tiled over the keys.
+
+    Per block of rows, three sweeps over key tiles of at most :data:`TORCH_TILE_ELEMS`
+    logits: (1) the logits z and momentum logits z_m, stored tile by tile, their
+    log-sum-exps merged online, and each row's largest logit; (2) targets, focal terms,
+    the loss, and q g written over z_m, with S = sum_j q_j g_j; (3) dz = p S - q g,
+    recomputed per tile, into dq (an accumulated matmul) and dtau. The logits are kept in
+    base 2 (log2(e) / tau folded into the matmul's rows) because ``exp2`` costs half of
+    ``exp`` on the CPU, and ``1 - p`` is a subtraction except at each row's largest logit,
+    the only place where p may exceed 1/2, which is recomputed with ``expm1`` (``expm1``
+    over a whole tile costs 1.8 ``exp``). Each [rows, N] logit block crosses memory 7
+    times instead of ~20, and the elementwise chain runs on tiles that stay in cache
+    (benchmarks/NOTES.md)."""
+    B, D = q.shape
+    N = kk.shape[0]
+    loss = torch.empty(B, device=q.device, dtype=acc)
+    dtau = torch.empty_like(loss)
+    dq = torch.empty(B, D, device=q.device, dtype=acc)
+    stats = torch.empty(4, B, device=q.device, dtype=acc)
+    stats[3] = 1.0
+    blocks = _even_row_blocks(B, N, TORCH_TILED_BLOCK_ELEMS)
+    R = max(r1 - r0 for r0, r1 in blocks)
+    TK = min(N, max(1, TORCH_TILE_ELEMS // R))
+    tiles = [(c0, min(N, c0 + TK)) for c0 in range(0, N, TK)]
+    # workspace: the stored logits z and z_m of one row block, tile-major so that every tile is contiguous,
+    # then four [rows, TK] scratch tiles
+    ws = _workspace((2 * R * N + 4 * R * TK,), acc, q.device)
+    scale = inv_tau * LOG2E
+    for r0, r1 in blocks:
+        n = r1 - r0
+        rows = torch.arange(n, device=q.device)
+        qb = q[r0:r1].to(acc) * scale  # base-2 logits straight from the matmul (not in place: .to() returns
+        qmb = qm[r0:r1].to(acc) * scale  # the caller's tensor when it already has the dtype)
+        zs = [ws[n * c0:n * c1].view(n, c1 - c0) for c0, c1 in tiles]
+        zms = [ws[R * N + n * c0:R * N + n * c1].view(n, c1 - c0) for c0, c1 in tiles]
+        scr = [ws[2 * R * N + i * R * TK:2 * R * N + i * R * TK + n * TK].view(n, TK) for i in range(4)]
+        m = torch.full((n,), -math.inf, device=q.device, dtype=acc)
+        s = torch.zeros_like(m)
+        mm_, sm = m.clone(), s.clone()
+        arg = torch.zeros(n, device=q.device, dtype=torch.long)
+        # sweep 1: logits, stored; online log-sum-exp of both; each row's largest logit
+        for ti, ((c0, c1), zt, zmt) in enumerate(zip(tiles, zs, zms)):
+            sc = scr[0][:, :c1 - c0]
+            torch.mm(qb, kk[c0:c1].t(), out=zt)
+            _online_lse2(zt, m, s, sc, arg, ti)
+            torch.mm(qmb, kk[c0:c1].t(), out=zmt)
+            _online_lse2(zmt, mm_, sm, sc)
+        lse2 = s.log2_().add_(m)[:, None]
+        lse2_t = sm.log2_().add_(mm_)[:, None]
+        if ids is not None:
+            mr, mc, cnt, w_pos = _positives(ids[r0:r1], kid, kid_valid, alpha, acc)
+            stats[3, r0:r1] = cnt
+        loss_b = torch.zeros_like(m)
+        S = torch.zeros_like(m)
+        g_ii = torch.zeros_like(m)
+        # sweep 2: targets, focal terms, loss, q g (over z_m), S
+        for ti, ((c0, c1), zt, zmt) in enumerate(zip(tiles, zs, zms)):
+            w = c1 - c0
+            l2, p, t, g = (x[:, :w] for x in scr)
+            torch.sub(zt, lse2, out=l2)
+            torch.exp2(l2, out=p)
+            # alpha softmax(z_m): alpha as a factor, not folded into the exponent, so that a saturated row
+            # (p = 1, targets 1) cancels exactly in dz = p S - q g, as in the float64 truth
+            tgt = zmt.sub_(lse2_t).exp2_().mul_(alpha)
+            if ids is None:  # the diagonal's one-hot mass, where it falls in this tile
+                i0, i1 = max(r0, c0) - r0, min(r1, c1) - r0
+                di = torch.arange(i0, i1, device=q.device) if i0 < i1 else None
+                if di is not None:
+                    tgt[di, di + (r0 - c0)] += 1.0 - alpha
+            else:
+                sel = (mc >= c0) & (mc < c1)
+                tr, tc = mr[sel], mc[sel] - c0
+                tgt[tr, tc] += w_pos[tr]
+            _focal_terms_tile(l2, p, gamma, t, g)
+            # the rows' largest logits in this tile: 1 - p = -expm1(l), exact as p -> 1
+            ar = rows[arg == ti]
+            if ar.numel():
+                ac = zt[ar].argmax(1)
+                l_max = l2[ar, ac] * LN2
+                t[ar, ac], g[ar, ac] = _focal_terms_torch(l_max, p[ar, ac], gamma)
+            loss_b.add_(_rowdot(t.mul_(tgt), l2))
+            S.add_(tgt.mul_(g).sum(1))  # tgt now holds q g
+            if ids is None and di is not None:
+                g_ii[di] = g[di, di + (r0 - c0)]
+        # sweep 3: dz = p S - q g, into dq and dtau
+        dqb = torch.zeros(n, D, device=q.device, dtype=acc)
+        dt = torch.zeros_like(m)
+        for (c0, c1), zt, qgt in zip(tiles, zs, zms):
+            dz = scr[1][:, :c1 - c0]
+            torch.sub(zt, lse2, out=dz).exp2_().mul_(S[:, None]).sub_(qgt)
+            dqb.addmm_(dz, kk[c0:c1])
+            dt.add_(_rowdot(dz, zt))
+        loss[r0:r1] = loss_b.mul_(-LN2)
+        dq[r0:r1] = dqb.mul_(inv_tau)
+        dtau[r0:r1] = dt.mul_(-LN2 * inv_tau)  # z = z2 ln 2
+        stats[0, r0:r1] = lse2[:, 0] * LN2
+        stats[1, r0:r1] = S
+        stats[2, r0:r1] = g_ii
+    return loss, dq, dtau, stats
+
+
+def _even_row_blocks(B: int, N: int, budget: int):
+    """Row blocks of at most ``budget // N`` rows (at least 1), of equal size within one row:
+    a remainder block of a few rows would run its matmuls at a fraction of the speed."""
+    nb = -(-B // max(1, budget // max(N, 1)))
+    edges = [B * i // nb for i in range(nb + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(nb)]
+
+
 def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None):
     """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`
     (``k``: a [N, D] tensor or a sequence of parts; ``key_ids`` likewise).
@@ -150,9 +311,12 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
     N = kk.shape[0]
     inv_tau = 1.0 / tau.to(acc)
     has_targets = qm is not None and alpha > 0
+    kid = kid_valid = None
     if ids is not None:
         kid = _key_id_bank(key_ids)
         kid_valid = kid != EMPTY_ID
+    if has_targets and TILED_TARGETS:
+        return _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_valid, acc)
     loss = torch.empty(B, device=q.device, dtype=acc)
     dtau = torch.empty_like(loss)
     dq = torch.empty(B, D, device=q.device, dtype=acc)
