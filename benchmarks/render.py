@@ -19,6 +19,8 @@ def load(results_dir: str):
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "*.json"))):
         with open(path) as f:
             data = json.load(f)
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            continue  # not a pytest-benchmark file (e.g. bench_results/finetune/, rows of training runs)
         commit = (data.get("commit_info") or {}).get("id", "")[:10]
         for b in data.get("benchmarks", []):
             info = b.get("extra_info", {})
