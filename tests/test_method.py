@@ -327,3 +327,27 @@ def test_caption_bag_of_words_loss(tok, batch):
     assert grad is not None and grad.abs().sum() > 0
     with pytest.raises(ValueError, match="weight_bow: expected a float >= 0, got -1"):
         model_preset("tiny", weight_bow=-1.0)
+
+
+def test_caption_bag_of_words_binary_loss(tok, batch):
+    """``bow_loss="binary"``: one logistic loss per vocabulary word (does the caption name it),
+    summed over the vocabulary and averaged over the batch."""
+    torch.manual_seed(0)
+    on = SoftMaskALBEF(small(tok, weight_bow=1.0, bow_loss="binary"))
+    with torch.no_grad():  # zero logits: log 2 per vocabulary entry, whatever the target
+        on.bow_head.weight.zero_()
+        on.bow_head.bias.zero_()
+    torch.testing.assert_close(_forward(on, batch)["loss_bow"], torch.tensor(len(tok) * math.log(2.0)))
+    # logits +30 on the words of every caption of the batch, -30 elsewhere: the loss counts, per caption, the
+    # words that other captions name and it does not (30 nats each)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    special = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}
+    per_row = [{int(t) for t, keep in zip(row, m) if keep and int(t) not in special} for row, m in zip(ids, am)]
+    union = set().union(*per_row)
+    with torch.no_grad():
+        on.bow_head.bias.fill_(-30.0)
+        on.bow_head.bias[list(union)] = 30.0
+    expected = sum(len(union - r) for r in per_row) * 30.0 / len(per_row)
+    torch.testing.assert_close(_forward(on, batch)["loss_bow"], torch.tensor(expected), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="bow_loss: expected 'softmax' or 'binary', got 'bag'"):
+        model_preset("tiny", bow_loss="bag")

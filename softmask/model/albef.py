@@ -401,9 +401,13 @@ class SoftMaskALBEF(nn.Module):
             words = attention_mask.bool() & (pos[None, :] > 0) & (pos[None, :] < last)  # not [CLS] / [SEP] / [PAD]
             target = torch.zeros(B, cfg.vocab_size, device=image.device)
             target.scatter_add_(1, input_ids, words.float())
-            target = target / target.sum(1, keepdim=True).clamp_min(1.0)
             bow_logits = self.bow_head(image_embeds[:, 1:].amax(1)).float()
-            loss_bow = -(target * F.log_softmax(bow_logits, dim=1)).sum(1).mean()
+            if cfg.bow_loss == "binary":
+                loss_bow = F.binary_cross_entropy_with_logits(
+                    bow_logits, (target > 0).float(), reduction="sum") / B
+            else:
+                target = target / target.sum(1, keepdim=True).clamp_min(1.0)
+                loss_bow = -(target * F.log_softmax(bow_logits, dim=1)).sum(1).mean()
         else:
             loss_bow = image_feat.new_zeros(())
 

@@ -75,6 +75,9 @@ class ModelConfig:
     # caption bag-of-words from the max over the ViT's patch tokens (0: off, no head): which vocabulary words
     # the caption names, a readout of the patches without attention (docs/TRAINING_NOTES.md H10)
     weight_bow: float = 0.0
+    # "softmax": cross-entropy against the caption's normalized word counts (H10); "binary": one logistic loss per
+    # vocabulary word, "does the caption name it", summed over the vocabulary (H11)
+    bow_loss: str = "softmax"
     mlm_prob: float = 0.15
     softmask: bool = True  # False: the --no-softmask ablation
     mask_floor: float = 0.0  # soft mask value on the most word-related patch
@@ -117,6 +120,8 @@ class ModelConfig:
         if not (isinstance(self.weight_bow, (int, float)) and not isinstance(self.weight_bow, bool)
                 and self.weight_bow >= 0):
             raise ValueError(f"weight_bow: expected a float >= 0, got {self.weight_bow!r}")
+        if self.bow_loss not in ("softmax", "binary"):
+            raise ValueError(f"bow_loss: expected 'softmax' or 'binary', got {self.bow_loss!r}")
         if self.vision_pool not in ("cls", "max"):
             raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
         if self.vision_registers < 0:

@@ -76,7 +76,7 @@ __all__ = ["TrainConfig", "train", "NonFiniteLossError", "ConfigError", "build_m
            "load_config_file", "config_differences", "check_device", "RUNTIME_FIELDS", "TASKS", "TASK_DEFAULTS",
            "PROGS", "task_config"]
 
-LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
+LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm", "loss_bow")
 TASKS = ("pretrain", "retrieval")
 PROGS = {"pretrain": "softmask-pretrain", "retrieval": "softmask-finetune"}  # the command of each task
 
