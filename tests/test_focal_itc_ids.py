@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import softmask
 from softmask import reference
 from softmask.kernels import focal_itc as focal_kernels
-from tests.helpers import assert_close
 from softmask.ops import focal_itc as focal_ops
+from tests.helpers import assert_close
 from tests.test_focal_itc import _assert_tolerance_catches, _cond, _feats, _poison_buffers, _problem, _run
 
 CUDA = torch.cuda.is_available()

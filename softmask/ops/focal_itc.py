@@ -145,10 +145,12 @@ def _positives(ids: Tensor, kid: Tensor, kid_valid: Tensor, alpha: float, acc: t
     return mr, mc, cnt, w_pos
 
 
-def _row_blocks(B: int, N: int):
-    step = max(1, TORCH_BLOCK_ELEMS // max(N, 1))
-    for r0 in range(0, B, step):
-        yield r0, min(B, r0 + step)
+def _row_blocks(B: int, N: int, budget: int):
+    """Row blocks of at most ``budget // N`` rows (at least 1), their sizes within one row of each other:
+    a remainder block of a few rows would run its matmuls at a fraction of the speed."""
+    nb = -(-B // max(1, budget // max(N, 1)))
+    edges = [B * i // nb for i in range(nb + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(nb)]
 
 
 LOG2E = 1.0 / math.log(2.0)
@@ -208,7 +210,7 @@ def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_val
     dq = torch.empty(B, D, device=q.device, dtype=acc)
     stats = torch.empty(4, B, device=q.device, dtype=acc)
     stats[3] = 1.0
-    blocks = _even_row_blocks(B, N, TORCH_TILED_BLOCK_ELEMS)
+    blocks = _row_blocks(B, N, TORCH_TILED_BLOCK_ELEMS)
     R = max(r1 - r0 for r0, r1 in blocks)
     TK = min(N, max(1, TORCH_TILE_ELEMS // R))
     tiles = [(c0, min(N, c0 + TK)) for c0 in range(0, N, TK)]
@@ -289,14 +291,6 @@ def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_val
     return loss, dq, dtau, stats
 
 
-def _even_row_blocks(B: int, N: int, budget: int):
-    """Row blocks of at most ``budget // N`` rows (at least 1), of equal size within one row:
-    a remainder block of a few rows would run its matmuls at a fraction of the speed."""
-    nb = -(-B // max(1, budget // max(N, 1)))
-    edges = [B * i // nb for i in range(nb + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(nb)]
-
-
 def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None):
     """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`
     (``k``: a [N, D] tensor or a sequence of parts; ``key_ids`` likewise).
@@ -324,8 +318,8 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
     stats[3] = 1.0  # positive counts: 1 without ids
     # one workspace of [rows, N] blocks for the whole call: every elementwise step writes into it
     # (out= / in place), so the blocks are allocated (and their pages touched) once, not per op
-    blocks = list(_row_blocks(B, N))
-    ws = _workspace((6 if has_targets else 3, blocks[0][1] - blocks[0][0], N), acc, q.device)
+    blocks = _row_blocks(B, N, TORCH_BLOCK_ELEMS)
+    ws = _workspace((6 if has_targets else 3, max(r1 - r0 for r0, r1 in blocks), N), acc, q.device)
     for r0, r1 in blocks:
         n = r1 - r0
         rows = torch.arange(n, device=q.device)
@@ -390,7 +384,7 @@ def focal_itc_key_grad_torch(q, k, tau, stats, w, *, ids=None, key_ids=None, gam
     if ids is not None:
         kid_valid = key_ids != EMPTY_ID
     dk = torch.zeros(N, D, device=q.device, dtype=acc)
-    for r0, r1 in _row_blocks(B, N):
+    for r0, r1 in _row_blocks(B, N, TORCH_BLOCK_ELEMS):
         rows = torch.arange(r1 - r0, device=q.device)
         qb = q[r0:r1].to(acc)
         z = (qb @ kk.t()).mul_(inv_tau)
