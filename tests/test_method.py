@@ -45,13 +45,13 @@ def rig_itm_head(model, match_logit: float):
         model.itm_head.bias.copy_(torch.tensor([0.0, match_logit]))
 
 
-@pytest.mark.parametrize("negatives", [True, False])
-def test_softmask_branch_label_ratio(tok, batch, negatives):
+@pytest.mark.parametrize("negatives,pairs", [(True, "all"), (True, "one"), (False, "all")])
+def test_softmask_branch_label_ratio(tok, batch, negatives, pairs):
     """With a constant ITM head (match probability p for every pair), loss_softmask is the cross-entropy
     of its labels: 1 positive per 2 negatives when dimmed images enter negative pairs as well (the
     dimming carries no label information), all positives otherwise."""
     torch.manual_seed(0)
-    model = SoftMaskALBEF(small(tok, softmask_negatives=negatives))
+    model = SoftMaskALBEF(small(tok, softmask_negatives=negatives, softmask_pairs=pairs))
     b = 0.7
     rig_itm_head(model, b)
     torch.manual_seed(1)
@@ -63,32 +63,80 @@ def test_softmask_branch_label_ratio(tok, batch, negatives):
     assert float(out["loss_itm"].detach()) == pytest.approx(float((nll_pos + 2 * nll_neg) / 3), rel=1e-5)
 
 
-def test_softmask_negatives_pair_dimmed_images_with_wrong_captions(tok, batch, monkeypatch):
-    """The soft-masked fusion pass sees (caption i, dimmed i) as positives, and as negatives the dimmed
-    hard-negative image with caption i and the dimmed image i with its hard-negative caption."""
-    torch.manual_seed(0)
-    model = SoftMaskALBEF(small(tok))
-    calls = []
-    real = model.itm_logits
+def _spy_fusion_pairs(model, monkeypatch):
+    """Record every ITM fusion pass as (captions [P, L, hidden], images [P, N, Dv]) of its pairs, whether
+    the images come as embeddings or as shared keys / values with a per-pair index."""
+    calls, projected = [], {}
+    real_kv, real_itm = model.fusion_encoder.image_kv, model.itm_logits
 
-    def spy(text_embeds, attention_mask, image_embeds, capture_layer=None):
+    def kv_spy(image_embeds):
+        kv = real_kv(image_embeds)
+        projected[id(kv)] = image_embeds.detach().clone()
+        return kv
+
+    def itm_spy(text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
+                image_index=None):
+        if image_embeds is None:
+            image_embeds = projected[id(image_kv)]
+            if image_index is not None:
+                image_embeds = image_embeds[image_index]
         calls.append((text_embeds.detach().clone(), image_embeds.detach().clone()))
-        return real(text_embeds, attention_mask, image_embeds, capture_layer)
+        return real_itm(text_embeds, attention_mask, None, capture_layer, image_kv=image_kv, image_index=image_index)
 
-    monkeypatch.setattr(model, "itm_logits", spy)
+    monkeypatch.setattr(model.fusion_encoder, "image_kv", kv_spy)
+    monkeypatch.setattr(model, "itm_logits", itm_spy)
+    return calls
+
+
+def _row_of(x, rows):
+    """Index of each of x's entries among ``rows`` (nearest in L1)."""
+    return [int((x[j] - rows).abs().flatten(1).sum(1).argmin()) for j in range(x.shape[0])]
+
+
+@pytest.mark.parametrize("pairs", ["all", "one"])
+def test_softmask_negatives_pair_dimmed_images_with_wrong_captions(tok, batch, monkeypatch, pairs):
+    """The soft-masked fusion pass sees (caption i, dimmed i) as positives, and as negatives the dimmed
+    hard-negative image with caption i and the dimmed image i with its hard-negative caption: all three per
+    row (``softmask_pairs="all"``), or one of them per row, a third of the rows each (``"one"``)."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, softmask_pairs=pairs))
+    calls = _spy_fusion_pairs(model, monkeypatch)
     torch.manual_seed(1)
     model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
           mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=0.0)
     (t_pos, i_pos), (t_neg, i_neg), (t_sm, i_sm) = calls  # positives (Grad-CAM pass), negatives, soft-masked
-    assert t_sm.shape[0] == 3 * B and i_sm.shape[0] == 3 * B
-    assert torch.equal(t_sm[:B], t_pos) and torch.equal(t_sm[B : 2 * B], t_pos)
-    assert torch.equal(t_sm[2 * B :], t_neg[B:])  # hard-negative captions of the clean negatives
-    masked = i_sm[:B]
+    neg_idx = _row_of(i_neg[:B], i_pos)  # each row's hard-negative image among the clean images
+    assert torch.equal(t_neg[:B], t_pos) and torch.equal(i_neg[B:], i_pos)
+    if pairs == "all":
+        assert t_sm.shape[0] == 3 * B and i_sm.shape[0] == 3 * B
+        assert torch.equal(t_sm[:B], t_pos) and torch.equal(t_sm[B : 2 * B], t_pos)
+        assert torch.equal(t_sm[2 * B :], t_neg[B:])  # hard-negative captions of the clean negatives
+        masked = i_sm[:B]
+        assert torch.equal(i_sm[2 * B :], masked)
+        assert torch.equal(i_sm[B : 2 * B], masked[neg_idx])
+    else:
+        assert t_sm.shape[0] == B and i_sm.shape[0] == B
+        # row i's pair is one of (t_i, m_i), (t_i, m_neg(i)), (t_neg(i), m_i): recover which from the caption
+        # and the image, and check the roles split into thirds
+        roles = []
+        masked = torch.empty_like(i_pos)
+        for j in range(B):
+            if torch.equal(t_sm[j], t_neg[B + j]) and not torch.equal(t_sm[j], t_pos[j]):
+                roles.append(2)
+                masked[j] = i_sm[j]
+            elif _row_of(i_sm[j : j + 1, :1], i_pos[:, :1])[0] == j:  # [CLS] is never dimmed
+                roles.append(0)
+                masked[j] = i_sm[j]
+            else:
+                assert _row_of(i_sm[j : j + 1, :1], i_pos[:, :1])[0] == neg_idx[j]
+                roles.append(1)
+                masked[j] = float("nan")
+            if roles[-1] != 2:
+                assert torch.equal(t_sm[j], t_pos[j])
+        assert sorted(roles.count(r) for r in range(3)) == [B // 3] * 3
+        keep = [j for j in range(B) if roles[j] != 1]
+        i_pos, masked = i_pos[keep], masked[keep]
     assert not torch.equal(masked, i_pos)  # dimmed
-    assert torch.equal(i_sm[2 * B :], masked)
-    # the hard-negative images of the clean pass, dimmed: find each one's index among the clean images
-    neg_idx = [int((i_neg[j] - i_pos).abs().flatten(1).sum(1).argmin()) for j in range(B)]
-    assert torch.equal(i_sm[B : 2 * B], masked[neg_idx])
     # the mask is a per-token scale of the clean embeddings, [CLS] untouched
     scale = masked[:, 1:, 0] / i_pos[:, 1:, 0]
     assert torch.allclose(masked[:, 1:], i_pos[:, 1:] * scale[..., None], rtol=1e-4, atol=1e-6)

@@ -133,6 +133,42 @@ def test_fused_and_reference_agree(tok, batch):
     assert errs[worst] < 1e-3, (worst, errs[worst])
 
 
+def test_shared_image_kv_matches_indexed_images(tok):
+    """The fusion encoder with the images' keys / values projected once and indexed per pair gives the
+    outputs and the gradients (images, texts, parameters) of passing ``images[index]``; the Grad-CAM capture
+    hands out the per-pair keys."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, fusion_layers=3, gradcam_layer=1)).double()
+    fusion = model.fusion_encoder
+    M, P, L, N = 3, 7, 5, 9
+    images = torch.randn(M, N, model.cfg.vision_width, dtype=torch.float64, requires_grad=True)
+    texts = torch.randn(P, L, model.cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(P, L, dtype=torch.long)
+    mask[2, 3:] = 0
+    index = torch.tensor([2, 0, 0, 1, 2, 2, 1])
+
+    def grads(out, cap):
+        loss = out.square().sum() + cap.context.sum() + cap.key.square().sum()
+        return torch.autograd.grad(loss, [images, texts] + list(fusion.parameters()))
+
+    out_ref, cap_ref = fusion(texts, mask, images[index], capture_layer=1)
+    g_ref = grads(out_ref, cap_ref)
+    out, cap = fusion(texts, mask, image_kv=fusion.image_kv(images), image_index=index, capture_layer=1)
+    g = grads(out, cap)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(cap, cap_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # without an index the pairs take the images in order
+    out_id, _ = fusion(texts[:M], mask[:M], image_kv=fusion.image_kv(images))
+    torch.testing.assert_close(out_id, fusion(texts[:M], mask[:M], images)[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one of image_embeds and image_kv"):
+        fusion(texts, mask, images[index], image_kv=fusion.image_kv(images))
+    with pytest.raises(ValueError, match="image_index needs image_kv"):
+        fusion(texts, mask, images[index], image_index=index)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_attention_matches_softmax_formula(impl):
     g = torch.Generator().manual_seed(1)

@@ -17,7 +17,9 @@ Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
   most tied to the word. The dimmed images then enter ITM exactly as the clean
   ones do (``softmask_negatives``, the default): (caption i, dimmed image i) is a
   match, (caption i, dimmed hard-negative image) and (hard-negative caption,
-  dimmed image i) are not, so 1 positive per 2 negatives as in ``loss_itm``. The
+  dimmed image i) are not, so 1 positive per 2 negatives as in ``loss_itm``
+  (``softmask_pairs="one"``: one of these three pairs per row, a third of the rows
+  each, B fusion passes instead of 3B). The
   paper leaves open which ITM pairs see soft-masked features; labelling every
   dimmed image a match (``softmask_negatives=False``) makes the dimming itself
   predict the label, and the model learned that shortcut (held-out: dimmed hard
@@ -49,11 +51,14 @@ from softmask.model.layers import FusionEncoder, MLMHead, TextEncoder
 __all__ = ["SoftMaskALBEF", "build_vision_encoder", "all_gather_nograd"]
 
 
-def _conv_stem_embed():
+def _conv_stem_embed(extra_convs: int = 0):
     """A timm ``PatchEmbed`` whose single ``patch x patch`` projection is replaced by a stack of 3x3
     stride-2 convolutions (log2(patch) of them, widths doubling up to ``embed_dim``; Xiao et al. 2021,
     "Early convolutions help transformers see better"): overlapping receptive fields give the patch
-    tokens local shape features from the first step."""
+    tokens local shape features from the first step. ``extra_convs`` more 3x3 stride-1 convolutions at
+    the token resolution (``vision_stem="cnn"``: one) widen each token's receptive field by
+    ``2 * patch`` pixels each: 31 px at patch 8, a whole object of the shapes data, so that a token
+    can tell the object's shape by itself (docs/TRAINING_NOTES.md, H13)."""
     from timm.layers import PatchEmbed
 
     class ConvStemPatchEmbed(PatchEmbed):
@@ -71,6 +76,8 @@ def _conv_stem_embed():
                 if i < n - 1:
                     layers.append(nn.GELU())
                 c = w
+            for _ in range(extra_convs):
+                layers += [nn.GELU(), nn.Conv2d(c, c, 3, stride=1, padding=1)]
             self.proj = nn.Sequential(*layers)  # (B, 3, S, S) -> (B, D, S / p, S / p)
 
     return ConvStemPatchEmbed
@@ -80,7 +87,8 @@ def build_vision_encoder(cfg: ModelConfig) -> nn.Module:
     """timm VisionTransformer without a classifier head (random init, nothing downloaded)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    extra = {"embed_layer": _conv_stem_embed()} if cfg.vision_stem == "conv" else {}
+    stems = {"conv": 0, "cnn": 1}
+    extra = {"embed_layer": _conv_stem_embed(stems[cfg.vision_stem])} if cfg.vision_stem in stems else {}
     vit = VisionTransformer(
         **extra,
         img_size=cfg.image_size,
@@ -242,12 +250,16 @@ class SoftMaskALBEF(nn.Module):
         embeds = self.text_encoder(input_ids, attention_mask)
         return embeds, F.normalize(self.text_proj(embeds[:, 0]).float(), dim=-1)
 
-    def itm_logits(self, text_embeds, attention_mask, image_embeds, capture_layer=None):
-        """Fusion pass + ITM head: ``-> (logits [B, 2], fused [B, L, hidden], Captured | None)``."""
-        fused, cap = self.fusion_encoder(text_embeds, attention_mask, image_embeds, capture_layer)
+    def itm_logits(self, text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
+                   image_index=None):
+        """Fusion pass + ITM head: ``-> (logits [B, 2], fused [B, L, hidden], Captured | None)``.
+        ``image_kv`` / ``image_index``: shared image keys and values (see :class:`FusionEncoder`)."""
+        fused, cap = self.fusion_encoder(text_embeds, attention_mask, image_embeds, capture_layer,
+                                         image_kv=image_kv, image_index=image_index)
         return self.itm_head(fused[:, 0]), fused, cap
 
-    def word_gradcam_inputs(self, text_embeds, attention_mask, image_embeds, *, retain_graph=True):
+    def word_gradcam_inputs(self, text_embeds, attention_mask, image_embeds=None, *, retain_graph=True,
+                            image_kv=None):
         """Positive ITM logits and the Grad-CAM layer's (q, k, v, grad_context).
 
         ``grad_context = d sum_b logits[b, 1] / d context`` at ``cfg.gradcam_layer``,
@@ -257,7 +269,7 @@ class SoftMaskALBEF(nn.Module):
         """
         with torch.enable_grad():
             logits, fused, cap = self.itm_logits(
-                text_embeds, attention_mask, image_embeds, capture_layer=self.cfg.gradcam_layer
+                text_embeds, attention_mask, image_embeds, capture_layer=self.cfg.gradcam_layer, image_kv=image_kv
             )
             (grad_ctx,) = torch.autograd.grad(
                 logits[:, 1].sum(), cap.context, retain_graph=retain_graph
@@ -346,19 +358,23 @@ class SoftMaskALBEF(nn.Module):
         self.enqueue(image_feat_m, text_feat_m, ids)
 
         # ---------------------------------------------------------------- ITM positives (+ Grad-CAM inputs)
+        # every fusion pass below pairs texts with these B images (or their soft-masked copies): their
+        # cross-attention keys / values are projected once and indexed per pair
+        image_kv = self.fusion_encoder.image_kv(image_embeds)
         if cfg.softmask:
             pos_logits, fused_pos, q, k, v, grad_ctx = self.word_gradcam_inputs(
-                text_embeds, attention_mask, image_embeds
+                text_embeds, attention_mask, image_kv=image_kv
             )
         else:
-            pos_logits, fused_pos, _ = self.itm_logits(text_embeds, attention_mask, image_embeds)
+            pos_logits, fused_pos, _ = self.itm_logits(text_embeds, attention_mask, image_kv=image_kv)
 
         # ---------------------------------------------------------------- ITM hard negatives
         neg_text, neg_image = self.hard_negatives(image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids)
+        rows = torch.arange(B, device=image.device)
         text_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)  # (2B, L, hidden)
         mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)
-        image_all = torch.cat([image_embeds[neg_image], image_embeds], dim=0)  # (2B, N, Dv)
-        neg_logits, _, _ = self.itm_logits(text_all, mask_all, image_all)
+        image_all = torch.cat([neg_image, rows])  # (2B,) image of each pair
+        neg_logits, _, _ = self.itm_logits(text_all, mask_all, image_kv=image_kv, image_index=image_all)
         itm_logits = torch.cat([pos_logits, neg_logits], dim=0).float()  # (3B, 2)
         itm_labels = torch.cat(
             [torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]
@@ -379,14 +395,19 @@ class SoftMaskALBEF(nn.Module):
             if cfg.softmask_negatives:
                 # the soft-masked images in the same 1 : 2 label ratio as the clean ITM pairs, so that
                 # the dimming itself carries no information about the label
-                sm_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)  # (3B, L, hidden)
-                sm_mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
-                sm_image = torch.cat([masked_embeds, masked_embeds[neg_image], masked_embeds], dim=0)  # (3B, N, Dv)
+                sm_text_idx = torch.cat([rows, rows, neg_text])  # (3B,) caption of each pair
+                sm_image = torch.cat([rows, neg_image, rows])  # (3B,) masked image of each pair
                 sm_labels = itm_labels
+                if cfg.softmask_pairs == "one":  # one of the three pairs per row, a third of the rows each
+                    role = torch.randperm(B, device=image.device) % 3  # 0: positive, 1 / 2: the two negatives
+                    pick = role * B + rows
+                    sm_text_idx, sm_image, sm_labels = sm_text_idx[pick], sm_image[pick], sm_labels[pick]
+                sm_text, sm_mask = text_embeds[sm_text_idx], attention_mask[sm_text_idx]
             else:  # the soft-masked image with its own caption only, always labelled a match
-                sm_text, sm_mask, sm_image = text_embeds, attention_mask, masked_embeds
+                sm_text, sm_mask, sm_image = text_embeds, attention_mask, None
                 sm_labels = itm_labels[:B]
-            sm_logits, _, _ = self.itm_logits(sm_text, sm_mask, sm_image)
+            sm_logits, _, _ = self.itm_logits(sm_text, sm_mask, image_kv=self.fusion_encoder.image_kv(masked_embeds),
+                                              image_index=sm_image)
             loss_softmask = F.cross_entropy(sm_logits.float(), sm_labels)
             mask_mean = mask[:, 1:].mean().detach()
         else:
@@ -416,7 +437,7 @@ class SoftMaskALBEF(nn.Module):
             fused_mlm = fused_pos
         else:
             mlm_text = self.text_encoder(mlm_input_ids, attention_mask)
-            fused_mlm, _ = self.fusion_encoder(mlm_text, attention_mask, image_embeds)
+            fused_mlm, _ = self.fusion_encoder(mlm_text, attention_mask, image_kv=image_kv)
         sel = mlm_labels != -100
         if bool(sel.any()):
             mlm_logits = self.mlm_head(fused_mlm[sel]).float()  # (n_masked, vocab)

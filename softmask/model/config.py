@@ -38,7 +38,8 @@ class ModelConfig:
     # extra learnable ViT tokens ("registers", Darcet et al. 2024) that are dropped from the image embeddings the
     # fusion encoder sees: without them a ViT can park global information in background patches
     vision_registers: int = 0
-    # "patch": ViT's linear patch projection (loads timm / ALBEF weights); "conv": 3x3 stride-2 conv stem
+    # "patch": ViT's linear patch projection (loads timm / ALBEF weights); "conv": 3x3 stride-2 conv stem;
+    # "cnn": the conv stem plus one 3x3 conv at the token resolution (each token sees 4 * patch - 1 pixels)
     vision_stem: str = "patch"
     # what the ITC image feature reads: "cls" (ALBEF: the [CLS] token) or "max" (the elementwise max over
     # the patch tokens; docs/TRAINING_NOTES.md H8: a ViT learns the shapes data's shapes under max pooling
@@ -84,6 +85,10 @@ class ModelConfig:
     # soft-masked images also in ITM negative pairs, in the clean pairs' 1 : 2 ratio (False: the soft-masked image
     # with its own caption only, always labelled a match, where the dimming itself predicts the label)
     softmask_negatives: bool = True
+    # with softmask_negatives: "all" = each row's three soft-masked pairs (its positive and both hard negatives,
+    # 3B fusion passes); "one" = one of the three per row, a third of the rows each (B passes, the same 1 : 2
+    # label ratio and the same dimmed images; docs/TRAINING_NOTES.md, H12)
+    softmask_pairs: str = "all"
     gradcam_layer: int = 0  # index into the fusion layers (0-based); never the last one
     text_aug: bool = True  # ITC/ITM see the masked-caption view; MLM shares the positive ITM fusion pass
     exclude_same_caption_negatives: bool = True  # never sample a hard negative whose caption equals the positive's
@@ -115,8 +120,10 @@ class ModelConfig:
             raise ValueError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         if not (0.0 <= self.momentum <= 1.0):
             raise ValueError(f"momentum: expected a value in [0, 1], got {self.momentum}")
-        if self.vision_stem not in ("patch", "conv"):
-            raise ValueError(f"vision_stem: expected 'patch' or 'conv', got {self.vision_stem!r}")
+        if self.softmask_pairs not in ("all", "one"):
+            raise ValueError(f"softmask_pairs: expected 'all' or 'one', got {self.softmask_pairs!r}")
+        if self.vision_stem not in ("patch", "conv", "cnn"):
+            raise ValueError(f"vision_stem: expected 'patch', 'conv' or 'cnn', got {self.vision_stem!r}")
         if not (isinstance(self.weight_bow, (int, float)) and not isinstance(self.weight_bow, bool)
                 and self.weight_bow >= 0):
             raise ValueError(f"weight_bow: expected a float >= 0, got {self.weight_bow!r}")

@@ -164,16 +164,26 @@ class Attention(nn.Module):
         *,
         capture: bool = False,
         attn_dropout: bool = True,
+        kv_proj: Optional[tuple] = None,
+        kv_index: Optional[torch.Tensor] = None,
     ):
+        """``kv_proj``: this layer's ``(key, value)`` from :meth:`project_kv` instead of ``kv`` (then ``kv`` is
+        unused); ``kv_index`` ``[B]`` picks each row's key / value row out of them."""
         s = self.self
         q = s.split(s.query(hidden))  # (B, H, T, dh)
-        k = s.split(s.key(kv))  # (B, H, N, dh)
-        v = s.split(s.value(kv))  # (B, H, N, dh)
+        k, v = self.project_kv(kv) if kv_proj is None else kv_proj  # (M, H, N, dh)
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]  # (B, H, N, dh)
         p = self.attn_dropout if (self.training and attn_dropout) else 0.0
         ctx = attention(q, k, v, key_mask, dropout_p=p, impl=self.impl)  # (B, H, T, dh)
         B, H, T, dh = ctx.shape
         out = self.output(ctx.transpose(1, 2).reshape(B, T, H * dh), hidden)
         return out, (Captured(q, k, v, ctx) if capture else None)
+
+    def project_kv(self, kv: torch.Tensor) -> tuple:
+        """``kv [M, N, kv_width] -> (key, value)``, each ``[M, H, N, dh]``."""
+        s = self.self
+        return s.split(s.key(kv)), s.split(s.value(kv))
 
 
 class Layer(nn.Module):
@@ -186,12 +196,14 @@ class Layer(nn.Module):
         self.intermediate = BertIntermediate(bcfg)
         self.output = BertOutput(bcfg)
 
-    def forward(self, hidden, text_mask, image_embeds=None, *, capture=False, cross_attn_dropout=True):
+    def forward(self, hidden, text_mask, image_embeds=None, *, capture=False, cross_attn_dropout=True,
+                image_kv=None, image_index=None):
         hidden, _ = self.attention(hidden, hidden, text_mask)
         cap = None
         if self.crossattention is not None:
             hidden, cap = self.crossattention(
-                hidden, image_embeds, None, capture=capture, attn_dropout=cross_attn_dropout
+                hidden, image_embeds, None, capture=capture, attn_dropout=cross_attn_dropout,
+                kv_proj=image_kv, kv_index=image_index,
             )
         hidden = self.output(self.intermediate(hidden), hidden)
         return hidden, cap
@@ -224,6 +236,12 @@ class FusionEncoder(nn.Module):
     capture_layer=None) -> (hidden [B, L, hidden], Captured | None)``. The layer named by
     ``capture_layer`` runs its cross-attention without attention dropout and hands out
     its q / k / v / context.
+
+    Pairs that share images (ITM's hard negatives, the soft-masked pairs) need the images' cross-attention
+    keys and values once: ``kv = image_kv(images [M, N, vision_width])``, then
+    ``forward(text_embeds, attention_mask, image_kv=kv, image_index=idx)`` with ``idx [B]`` (long, values
+    in ``[0, M)``) naming each pair's image; the same as passing ``images[idx]``, without projecting an
+    image once per pair (the projections are about a third of a fusion pass's FLOPs at ALBEF's shapes).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -231,12 +249,22 @@ class FusionEncoder(nn.Module):
         bcfg = bert_config(cfg)
         self.layer = nn.ModuleList(Layer(cfg, bcfg, True, cfg.vision_width) for _ in range(cfg.fusion_layers))
 
-    def forward(self, text_embeds, attention_mask, image_embeds, capture_layer: Optional[int] = None):
+    def image_kv(self, image_embeds: torch.Tensor) -> list:
+        """Every layer's cross-attention ``(key, value)`` of ``image_embeds [M, N, vision_width]``."""
+        return [layer.crossattention.project_kv(image_embeds) for layer in self.layer]
+
+    def forward(self, text_embeds, attention_mask, image_embeds=None, capture_layer: Optional[int] = None, *,
+                image_kv: Optional[list] = None, image_index: Optional[torch.Tensor] = None):
+        if (image_embeds is None) == (image_kv is None):
+            raise ValueError("fusion encoder: expected exactly one of image_embeds and image_kv")
+        if image_index is not None and image_kv is None:
+            raise ValueError("fusion encoder: image_index needs image_kv (index image_embeds instead)")
         mask = attention_mask.bool()
         hidden, captured = text_embeds, None
         for i, layer in enumerate(self.layer):
             hit = capture_layer == i
-            hidden, cap = layer(hidden, mask, image_embeds, capture=hit, cross_attn_dropout=not hit)
+            hidden, cap = layer(hidden, mask, image_embeds, capture=hit, cross_attn_dropout=not hit,
+                                image_kv=None if image_kv is None else image_kv[i], image_index=image_index)
             if hit:
                 captured = cap
         return hidden, captured

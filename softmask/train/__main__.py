@@ -130,6 +130,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--softmask-positives-only", action="store_true",
                    help="soft-masked images only in positive ITM pairs (always labelled a match), instead of in "
                    "positive and negative pairs in the clean pairs' 1 : 2 ratio")
+    p.add_argument("--softmask-pairs", choices=("all", "one"), default=None,
+                   help="soft-masked ITM pairs per row: 'all' = its positive and both hard negatives (3B fusion "
+                   "passes), 'one' = one of the three, a third of the rows each (B passes, the same 1 : 2 ratio)")
     p.add_argument("--mask-floor", type=float, default=None, help="soft-mask value on the most word-related patch")
     p.add_argument("--gradcam-layer", type=int, default=None, help="fusion layer (0-based) of the Grad-CAM")
     for term in ("itc", "itm", "softmask", "mlm"):

@@ -180,6 +180,7 @@ class TrainConfig:
     softmask: Optional[bool] = None
     mask_floor: Optional[float] = None
     softmask_negatives: Optional[bool] = None
+    softmask_pairs: Optional[str] = None
     fusion_layers: Optional[int] = None
     momentum: Optional[float] = None
     vision_stem: Optional[str] = None
@@ -249,7 +250,7 @@ class TrainConfig:
             name = m.group(1) if m and m.group(1) in over else "preset"
             raise ConfigError(name, over.get(name, self.preset), m.group(2) if m and name in over else str(e)) from None
 
-    MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "gradcam_layer", "weight_itc", "weight_itm",
+    MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
                        "vision_registers")
 
