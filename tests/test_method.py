@@ -178,22 +178,42 @@ def test_itm_probe_separates_what_the_head_separates(tok, monkeypatch):
     # identify each image by its [CLS] token and each text by its ids: the fake ITM head matches them
     img_key = {tuple(ie[i, 0, :4].tolist()): i for i in range(8)}
     txt_key = {tuple(b["input_ids"][i].tolist()): i for i in range(8)}
-    ids_seen = []
+    encoded, projected = [], {}  # (text embeds, their text ids) per encode_text call; images per image_kv call
 
-    def fake_itm(text_embeds, attention_mask, image_embeds, capture_layer=None):
+    def which_text(row):
+        for te, ti in encoded:
+            hit = (te == row).flatten(1).all(1).nonzero()
+            if len(hit):
+                return ti[int(hit[0])]
+        return -2
+
+    def fake_itm(text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
+                 image_index=None):
+        if image_embeds is None:
+            image_embeds = projected[id(image_kv)]
+            if image_index is not None:
+                image_embeds = image_embeds[image_index]
         n = text_embeds.shape[0]
-        ti = ids_seen.pop(0)
+        ti = [which_text(text_embeds[j]) for j in range(n)]
         ii = [img_key.get(tuple(image_embeds[j, 0, :4].tolist()), -1) for j in range(n)]
         logit = torch.tensor([10.0 if (a == c and a >= 0) else -10.0 for a, c in zip(ii, ti)])
         return torch.stack([torch.zeros(n), logit], 1), None, None
 
-    real_encode = model.encode_text
+    real_encode, real_kv = model.encode_text, model.fusion_encoder.image_kv
 
     def spy_encode(ids, mask):
         L = ids.shape[1]
-        ids_seen.append([txt_key.get(tuple(F.pad(r, (0, b["input_ids"].shape[1] - L)).tolist()), -2) for r in ids])
-        return real_encode(ids, mask)
+        out = real_encode(ids, mask)
+        encoded.append((out[0], [txt_key.get(tuple(F.pad(r, (0, b["input_ids"].shape[1] - L)).tolist()), -2)
+                                 for r in ids]))
+        return out
 
+    def spy_kv(image_embeds):
+        kv = real_kv(image_embeds)
+        projected[id(kv)] = image_embeds
+        return kv
+
+    monkeypatch.setattr(model.fusion_encoder, "image_kv", spy_kv)
     monkeypatch.setattr(model, "encode_text", spy_encode)
     monkeypatch.setattr(model, "itm_logits", fake_itm)
     sims = ifeat @ tfeat.t()

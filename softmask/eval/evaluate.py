@@ -282,13 +282,19 @@ def _overlays(model, tokenizer, enc: EncodedSet, out_png, device, n_images=6):
 def _pair_itm_logits(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
                      device="cpu") -> torch.Tensor:
     """ITM logits ``[n, 2]`` (float32, CPU) of the pairs ``(text pair_text[i], image pair_image[i])``, in batches;
-    ``img_embeds`` may already be soft-masked."""
+    ``img_embeds`` may already be soft-masked. Within a batch each distinct text is encoded once and each
+    distinct image's cross-attention keys / values are projected once (a rerank batch holds a few images with
+    their top-k texts, or the reverse)."""
     out = []
     for s in range(0, len(pair_image), batch_size):
         ii, tt = pair_image[s : s + batch_size], pair_text[s : s + batch_size]
-        ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
+        ui, inv_i = torch.unique(ii, return_inverse=True)
+        ut, inv_t = torch.unique(tt, return_inverse=True)
+        ids, mask = _trim(txt_ids[ut].to(device), txt_masks[ut].to(device))
         te, _ = model.encode_text(ids, mask)
-        logits, _, _ = model.itm_logits(te, mask, img_embeds[ii].to(device))
+        inv_t = inv_t.to(device)
+        kv = model.fusion_encoder.image_kv(img_embeds[ui].to(device))
+        logits, _, _ = model.itm_logits(te[inv_t], mask[inv_t], image_kv=kv, image_index=inv_i.to(device))
         out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
 
