@@ -125,6 +125,15 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def _describe(config: str, rows: list) -> str:
+    """The config's overrides of the default job: its CONFIGS entry plus the overrides its rows ran with."""
+    extra = {}
+    for r in rows:
+        extra.update(r.get("overrides", {}))
+    base = CONFIGS.get(config, {})
+    return json.dumps({**base, **extra}) + ("" if config in CONFIGS else " (not one of CONFIGS)")
+
+
 def render(results: str) -> str:
     """Markdown table (mean +- std over seeds, the number of seeds) and a bar figure from ablation.json."""
     rows = _load(os.path.join(results, "ablation.json"))
@@ -151,7 +160,7 @@ def render(results: str) -> str:
           "Retrieval in % on the 256 held-out pairs (ITM rerank of the ITC top 16; `itc_*`: ITC alone); "
           "pointing game in % (shape words, colour words); ITM probe: mean match probability of held-out "
           "positives and hard negatives, clean and soft-masked. Mean ± sample std over seeds.\n\n"
-          + "\n".join(f"- `{c}`: {json.dumps(CONFIGS[c]) if c in CONFIGS else 'custom'}" for c in order)
+          + "\n".join(f"- `{c}`: {_describe(c, by[c])}" for c in order)
           + "\n\n" + table + "\n")
     with open(os.path.join(results, "README.md"), "w") as f:
         f.write(md)

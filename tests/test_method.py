@@ -241,6 +241,16 @@ def test_conv_stem_shapes_and_errors(tok):
     assert len(convs) == 3 and all(c.stride == (2, 2) for c in convs)  # 8 = 2^3
     R = vit.num_prefix_tokens - 1  # the tiny preset's registers
     assert vit.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 1 + R + 64, 128)
+    # "cnn": one more 3x3 stride-1 conv at the token resolution; a token's receptive field is then 31 px (the
+    # conv stem's token r sees pixels 8r - 7 .. 8r + 7; the extra conv adds one token on each side)
+    vit = build_vision_encoder(small(tok, vision_stem="cnn")).eval()
+    convs = [m for m in vit.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)] and convs[-1].kernel_size == (3, 3)
+    x = torch.zeros(1, 3, 64, 64, requires_grad=True)
+    tokens = vit.patch_embed(x)  # (1, 64, D)
+    (g,) = torch.autograd.grad(tokens[0, 3 * 8 + 3].sum(), x)
+    rows = g.abs().sum((0, 1, 3)).nonzero().flatten()
+    assert (int(rows.min()), int(rows.max())) == (24 - 15, 24 + 15)  # 31 rows
     with pytest.raises(ValueError, match="power of 2"):
         build_vision_encoder(model_preset("tiny", vocab_size=len(tok), image_size=60, patch_size=6,
                                           vision_stem="conv"))
@@ -419,3 +429,20 @@ def test_caption_bag_of_words_binary_loss(tok, batch):
     torch.testing.assert_close(_forward(on, batch)["loss_bow"], torch.tensor(expected), rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="bow_loss: expected 'softmax' or 'binary', got 'bag'"):
         model_preset("tiny", bow_loss="bag")
+
+
+def test_softmask_pairs_flag_and_setting():
+    """``--softmask-pairs`` reaches the model config; a bad value is refused with the setting's name."""
+    from softmask.train.__main__ import config_from_argv
+    from softmask.train.loop import TrainConfig
+
+    cfg, sources = config_from_argv(["--softmask-pairs", "one"])
+    assert cfg.softmask_pairs == "one" and sources["softmask_pairs"] == ("flag", "--softmask-pairs")
+    tok = get_tokenizer(None)
+    assert cfg.model_config(tok).softmask_pairs == "one"
+    assert TrainConfig().model_config(tok).softmask_pairs == model_preset("tiny").softmask_pairs
+    with pytest.raises(SystemExit) as e:
+        config_from_argv(["--softmask-pairs", "two"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="softmask_pairs: expected 'all' or 'one', got 'two'"):
+        model_preset("tiny", softmask_pairs="two")
