@@ -17,9 +17,10 @@ Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
   most tied to the word. The dimmed images then enter ITM exactly as the clean
   ones do (``softmask_negatives``, the default): (caption i, dimmed image i) is a
   match, (caption i, dimmed hard-negative image) and (hard-negative caption,
-  dimmed image i) are not, so 1 positive per 2 negatives as in ``loss_itm``
-  (``softmask_pairs="one"``: one of these three pairs per row, a third of the rows
-  each, B fusion passes instead of 3B). The
+  dimmed image i) are not, so 1 positive per 2 negatives as in ``loss_itm``. By
+  default (``softmask_pairs="one"``) each row contributes one of its three pairs, a
+  third of the rows each: B soft-masked fusion passes instead of 3B (``"all"``), with
+  the same metrics over 3 seeds (docs/TRAINING_NOTES.md, H12). The
   paper leaves open which ITM pairs see soft-masked features; labelling every
   dimmed image a match (``softmask_negatives=False``) makes the dimming itself
   predict the label, and the model learned that shortcut (held-out: dimmed hard

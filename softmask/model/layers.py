@@ -173,7 +173,8 @@ class Attention(nn.Module):
         q = s.split(s.query(hidden))  # (B, H, T, dh)
         k, v = self.project_kv(kv) if kv_proj is None else kv_proj  # (M, H, N, dh)
         if kv_index is not None:
-            k, v = k[kv_index], v[kv_index]  # (B, H, N, dh)
+            # index_select: its backward is index_add_, several times faster on CPU than advanced indexing's
+            k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)  # (B, H, N, dh)
         p = self.attn_dropout if (self.training and attn_dropout) else 0.0
         ctx = attention(q, k, v, key_mask, dropout_p=p, impl=self.impl)  # (B, H, T, dh)
         B, H, T, dh = ctx.shape
