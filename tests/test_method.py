@@ -63,27 +63,39 @@ def test_softmask_branch_label_ratio(tok, batch, negatives, pairs):
     assert float(out["loss_itm"].detach()) == pytest.approx(float((nll_pos + 2 * nll_neg) / 3), rel=1e-5)
 
 
-def _spy_fusion_pairs(model, monkeypatch):
-    """Record every ITM fusion pass as (captions [P, L, hidden], images [P, N, Dv]) of its pairs, whether
-    the images come as embeddings or as shared keys / values with a per-pair index."""
-    calls, projected = [], {}
-    real_kv, real_itm = model.fusion_encoder.image_kv, model.itm_logits
+def _spy_image_kv(model, monkeypatch):
+    """Spy on the fusion encoder's ``image_kv``. Returns ``images_of(image_embeds, image_kv, image_index)``: the
+    image embeddings of each pair of a fusion pass, whether the pass got them as embeddings or as shared keys /
+    values with a per-pair index."""
+    projected, real_kv = {}, model.fusion_encoder.image_kv
 
     def kv_spy(image_embeds):
         kv = real_kv(image_embeds)
         projected[id(kv)] = image_embeds.detach().clone()
         return kv
 
-    def itm_spy(text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
-                image_index=None):
-        if image_embeds is None:
-            image_embeds = projected[id(image_kv)]
-            if image_index is not None:
-                image_embeds = image_embeds[image_index]
-        calls.append((text_embeds.detach().clone(), image_embeds.detach().clone()))
-        return real_itm(text_embeds, attention_mask, None, capture_layer, image_kv=image_kv, image_index=image_index)
+    def images_of(image_embeds, image_kv, image_index):
+        if image_embeds is not None:
+            return image_embeds
+        images = projected[id(image_kv)]
+        return images if image_index is None else images[image_index]
 
     monkeypatch.setattr(model.fusion_encoder, "image_kv", kv_spy)
+    return images_of
+
+
+def _spy_fusion_pairs(model, monkeypatch):
+    """Record every ITM fusion pass as (captions [P, L, hidden], images [P, N, Dv]) of its pairs."""
+    calls, real_itm = [], model.itm_logits
+    images_of = _spy_image_kv(model, monkeypatch)
+
+    def itm_spy(text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
+                image_index=None):
+        images = images_of(image_embeds, image_kv, image_index)
+        calls.append((text_embeds.detach().clone(), images.detach().clone()))
+        return real_itm(text_embeds, attention_mask, image_embeds, capture_layer, image_kv=image_kv,
+                        image_index=image_index)
+
     monkeypatch.setattr(model, "itm_logits", itm_spy)
     return calls
 
@@ -178,7 +190,8 @@ def test_itm_probe_separates_what_the_head_separates(tok, monkeypatch):
     # identify each image by its [CLS] token and each text by its ids: the fake ITM head matches them
     img_key = {tuple(ie[i, 0, :4].tolist()): i for i in range(8)}
     txt_key = {tuple(b["input_ids"][i].tolist()): i for i in range(8)}
-    encoded, projected = [], {}  # (text embeds, their text ids) per encode_text call; images per image_kv call
+    encoded = []  # (text embeds, their text ids) per encode_text call
+    images_of = _spy_image_kv(model, monkeypatch)
 
     def which_text(row):
         for te, ti in encoded:
@@ -189,17 +202,14 @@ def test_itm_probe_separates_what_the_head_separates(tok, monkeypatch):
 
     def fake_itm(text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
                  image_index=None):
-        if image_embeds is None:
-            image_embeds = projected[id(image_kv)]
-            if image_index is not None:
-                image_embeds = image_embeds[image_index]
+        image_embeds = images_of(image_embeds, image_kv, image_index)
         n = text_embeds.shape[0]
         ti = [which_text(text_embeds[j]) for j in range(n)]
         ii = [img_key.get(tuple(image_embeds[j, 0, :4].tolist()), -1) for j in range(n)]
         logit = torch.tensor([10.0 if (a == c and a >= 0) else -10.0 for a, c in zip(ii, ti)])
         return torch.stack([torch.zeros(n), logit], 1), None, None
 
-    real_encode, real_kv = model.encode_text, model.fusion_encoder.image_kv
+    real_encode = model.encode_text
 
     def spy_encode(ids, mask):
         L = ids.shape[1]
@@ -208,12 +218,6 @@ def test_itm_probe_separates_what_the_head_separates(tok, monkeypatch):
                                  for r in ids]))
         return out
 
-    def spy_kv(image_embeds):
-        kv = real_kv(image_embeds)
-        projected[id(kv)] = image_embeds
-        return kv
-
-    monkeypatch.setattr(model.fusion_encoder, "image_kv", spy_kv)
     monkeypatch.setattr(model, "encode_text", spy_encode)
     monkeypatch.setattr(model, "itm_logits", fake_itm)
     sims = ifeat @ tfeat.t()

@@ -242,7 +242,9 @@ class FusionEncoder(nn.Module):
     keys and values once: ``kv = image_kv(images [M, N, vision_width])``, then
     ``forward(text_embeds, attention_mask, image_kv=kv, image_index=idx)`` with ``idx [B]`` (long, values
     in ``[0, M)``) naming each pair's image; the same as passing ``images[idx]``, without projecting an
-    image once per pair (the projections are about a third of a fusion pass's FLOPs at ALBEF's shapes).
+    image once per pair (per pair and layer the projections are ``2 N d^2`` MACs against about ``14 L d^2`` for
+    the L text tokens: about a third of a fusion pass at the tiny preset's 65 image and 16 text tokens, more
+    than half at ALBEF's 257 image tokens).
     """
 
     def __init__(self, cfg: ModelConfig):
