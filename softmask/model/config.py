@@ -87,7 +87,7 @@ class ModelConfig:
     softmask_negatives: bool = True
     # with softmask_negatives: "one" = one of each row's three soft-masked pairs (its positive or one of its two
     # hard negatives), a third of the rows each: B fusion passes, the same 1 : 2 label ratio; "all" = all three
-    # (3B passes). Same metrics over 3 seeds, a 7-16 % shorter step (docs/TRAINING_NOTES.md, H12)
+    # (3B passes). Same metrics over 3 seeds, a 7-11 % shorter step (docs/TRAINING_NOTES.md, H12)
     softmask_pairs: str = "one"
     gradcam_layer: int = 0  # index into the fusion layers (0-based); never the last one
     text_aug: bool = True  # ITC/ITM see the masked-caption view; MLM shares the positive ITM fusion pass
