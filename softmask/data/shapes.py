@@ -291,3 +291,65 @@ def vocabulary_words() -> list[str]:
         for t in tmpls:
             words.update(w for w in t.replace(",", " , ").split() if not w.startswith("{"))
     return sorted(words)
+
+
+#: Split ids of :class:`ObjectsDataset`, disjoint from the scene splits (:data:`SPLITS`): an objects item is
+#: drawn from the seed ``[seed, OBJECT_SPLITS[split], index]``, which no scene item uses.
+OBJECT_SPLITS = {"train": 100, "test": 101}
+
+
+def sample_object(rng: np.random.Generator, image_size: int = 64) -> dict:
+    """One object alone on a background (the layout of :func:`sample_scene` for a single object, no caption):
+    ``{"objects": [{"word", "color", "box"}], "background", "noise"}``, for :func:`render_scene`."""
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    color = list(COLORS)[int(rng.integers(len(COLORS)))]
+    side = float(max(4, int(round(float(rng.uniform(_MIN_FRAC, _MAX_FRAC)) * image_size))))
+    x0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
+    y0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
+    grey = float(rng.uniform(200, 245))
+    tint = rng.uniform(-6, 6, size=3)
+    background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+    noise = float(rng.uniform(2.0, 8.0)) if rng.random() < 0.5 else 0.0
+    return {"objects": [{"word": shape, "color": color, "box": [x0, y0, x0 + side, y0 + side]}],
+            "background": background, "noise": noise}
+
+
+class ObjectsDataset(torch.utils.data.Dataset):
+    """Labelled single-object images: the shapes world's analogue of ImageNet, for pretraining the vision
+    encoder before image-text pretraining (as ALBEF starts from ImageNet-trained DeiT weights).
+
+    Each image shows one object, drawn as in :class:`ShapesDataset` (the same shapes, colours, sizes and
+    backgrounds) but alone and without a caption; its labels are its shape and its colour. No image of the
+    image-text data sets appears here: the items come from their own seeds (:data:`OBJECT_SPLITS`), and the
+    scenes (one to three objects, relations, captions) are never seen.
+
+    Args:
+        split: "train" or "test".
+        size: number of items (default: 10**9 for train, an effectively endless stream; 512 for test).
+        image_size, seed, transform: as :class:`ShapesDataset`.
+
+    ``ds[i]``: ``{"image", "shape" (index into SHAPES), "color" (index into COLORS), "box", "index"}``.
+    """
+
+    def __init__(self, split: str = "train", size: Optional[int] = None, image_size: int = 64, seed: int = 0,
+                 transform=None):
+        if split not in OBJECT_SPLITS:
+            raise ValueError(f"split: expected one of {tuple(OBJECT_SPLITS)}, got {split!r}")
+        self._scenes = ShapesDataset(split="train", size=(10**9 if split == "train" else 512) if size is None else size,
+                                     image_size=image_size, seed=seed, transform=transform)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self._scenes)
+
+    def __getitem__(self, index) -> dict:
+        s = self._scenes
+        index = s._check_index(index)
+        rng = np.random.default_rng([s.seed, OBJECT_SPLITS[self.split], index])
+        scene = sample_object(rng, s.image_size)
+        image = render_scene(scene, s.image_size, rng)
+        if s.transform is not None:
+            image = s.transform(image)
+        o = scene["objects"][0]
+        return {"image": image, "shape": _SHAPE_INDEX[o["word"]], "color": _COLOR_INDEX[o["color"]],
+                "box": list(o["box"]), "index": index}

@@ -155,7 +155,10 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    help="CPU intra-op threads (default: one per core; on a CPU shared with other jobs, 1 avoids "
                    "OpenMP stalls)")
     if not finetune:
-        p.add_argument("--vit-checkpoint", default=None, help="local timm ViT weights file")
+        p.add_argument("--vit-checkpoint", default=d.vit_checkpoint,
+                       help="the ViT's initial weights: a local timm ViT file, 'shapes-objects' (the shipped tiny ViT, "
+                       "pretrained on labelled single-object images by softmask-vision-pretrain), 'none' (random "
+                       "init), or 'auto' (default: shapes-objects for the tiny preset on the shapes data, else none)")
         p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--pointing-every", type=int, default=d.pointing_every,
                    help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "

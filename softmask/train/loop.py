@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from softmask.model import ModelConfig, SoftMaskALBEF, model_preset
+from softmask.model.config import PRESETS
 from softmask.model.pretrained import load_pretrained
 from softmask.train.checkpoint import (
     CheckpointError,
@@ -164,7 +165,10 @@ class TrainConfig:
     train_size: Optional[int] = 16384  # shapes only; None: the data set's default
     test_size: Optional[int] = None
     alpha_ramp_steps: Optional[int] = None  # None: 20 % of the steps
-    vit_checkpoint: Optional[str] = None
+    # the ViT's initial weights: a local timm ViT file, "shapes-objects" (the shipped tiny ViT pretrained on
+    # labelled single-object images, softmask.train.vision_pretrain), "none" (random init), or "auto": the
+    # shipped ViT for the tiny preset's vision encoder on the shapes data without init_checkpoint, else none
+    vit_checkpoint: Optional[str] = "auto"
     bert_dir: Optional[str] = None
     # the weights training starts from: a softmask run or checkpoint directory (its model settings and tokenizer
     # are used; the objective's settings given here replace its own), or an ALBEF checkpoint file
@@ -206,7 +210,7 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         if self.task not in TASKS:
             raise ConfigError("task", self.task, f"expected one of {', '.join(repr(t) for t in TASKS)}")
-        if self.init_checkpoint is not None and (self.vit_checkpoint or self.bert_dir):
+        if self.init_checkpoint is not None and (self.vit_checkpoint not in (None, "auto", "none") or self.bert_dir):
             raise ConfigError("init_checkpoint", self.init_checkpoint, "expected either a checkpoint to start from "
                                                                        "or ViT / BERT weights (vit_checkpoint, "
                                                                        "bert_dir), not both")
@@ -413,9 +417,30 @@ def build_model(cfg: TrainConfig, tokenizer, mcfg: Optional[ModelConfig] = None)
     from ``cfg.seed`` and, when given, the ViT / BERT weights (``vit_checkpoint``, ``bert_dir``)."""
     torch.manual_seed(cfg.seed)
     model = SoftMaskALBEF(mcfg if mcfg is not None else cfg.model_config(tokenizer))
-    if cfg.vit_checkpoint or cfg.bert_dir:
-        load_pretrained(model, vit_checkpoint=cfg.vit_checkpoint, bert_dir=cfg.bert_dir)
+    vit = resolve_vit_checkpoint(cfg)
+    if vit or cfg.bert_dir:
+        load_pretrained(model, vit_checkpoint=vit, bert_dir=cfg.bert_dir)
     return model
+
+
+def resolve_vit_checkpoint(cfg: TrainConfig) -> Optional[str]:
+    """The ViT weights file ``cfg`` starts from, or None (random init). ``"auto"`` picks the shipped ViT
+    (:data:`softmask.train.vision_pretrain.BUILTIN_VIT`) when it fits: the ``tiny`` preset with its own
+    vision encoder (no ``vision_stem`` / ``vision_registers`` override), the shapes data, and no
+    ``init_checkpoint``; otherwise None."""
+    from softmask.train.vision_pretrain import BUILTIN_VIT, builtin_vit_path
+
+    v = cfg.vit_checkpoint
+    if v is None or v == "none":
+        return None
+    if v == "auto":
+        preset = PRESETS[cfg.preset]
+        own_vit = all(getattr(cfg, k) is None or getattr(cfg, k) == preset.get(k, getattr(ModelConfig, k))
+                      for k in ("vision_stem", "vision_registers"))
+        if cfg.preset != "tiny" or cfg.data != "shapes" or cfg.init_checkpoint is not None or not own_vit:
+            return None
+        v = BUILTIN_VIT
+    return builtin_vit_path() if v == BUILTIN_VIT else v
 
 
 def _lr_lambda(warmup: int, total: int, min_ratio: float):

@@ -1,0 +1,138 @@
+"""The vision pretraining stage (labelled single-object images) and the shipped ViT checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softmask.data.shapes import COLORS, SHAPES, ObjectsDataset, ShapesDataset
+from softmask.model import SoftMaskALBEF
+from softmask.model.pretrained import load_pretrained
+from softmask.train.loop import TrainConfig, build_model, resolve_vit_checkpoint
+from softmask.train.vision_pretrain import (
+    BUILTIN_VIT,
+    VisionPretrainConfig,
+    builtin_vit_path,
+    main,
+    pretrain_vision,
+)
+
+
+def test_objects_dataset_labels_match_the_pixels():
+    ds = ObjectsDataset("train", size=40, image_size=64, seed=3)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item == {**item, "index": i} and set(item) == {"image", "shape", "color", "box", "index"}
+        x0, y0, x1, y1 = item["box"]
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        # the box centre is painted for every shape (triangle: its centroid column, mid-height)
+        cx, cy = int((x0 + x1 - 1) / 2), int((y0 + y1 - 1) / 2)
+        pixel = np.asarray(item["image"])[cy, cx]
+        assert tuple(int(v) for v in pixel) == list(COLORS.values())[item["color"]], (i, item)
+        assert 0 <= item["shape"] < len(SHAPES)
+
+
+def test_objects_dataset_is_deterministic_and_disjoint_from_the_scenes():
+    a, b = ObjectsDataset("train", size=8, seed=0), ObjectsDataset("train", size=8, seed=0)
+    for i in range(8):
+        assert np.array_equal(np.asarray(a[i]["image"]), np.asarray(b[i]["image"]))
+    test = ObjectsDataset("test", seed=0)
+    assert len(test) == 512 and len(ObjectsDataset("train")) == 10**9
+    assert not np.array_equal(np.asarray(a[0]["image"]), np.asarray(test[0]["image"]))
+    scenes = ShapesDataset("train", size=64, seed=0)
+    objects = {np.asarray(a[i]["image"]).tobytes() for i in range(8)}
+    assert not objects & {np.asarray(scenes[i]["image"]).tobytes() for i in range(64)}
+    # every shape and colour occurs
+    many = ObjectsDataset("train", size=300, seed=1)
+    assert {many[i]["shape"] for i in range(300)} == set(range(len(SHAPES)))
+    assert {many[i]["color"] for i in range(300)} == set(range(len(COLORS)))
+    with pytest.raises(ValueError, match="split"):
+        ObjectsDataset("val")
+    with pytest.raises(IndexError):
+        a[8]
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=-1.0), dict(pool="mean"), dict(preset="huge"),
+                                 dict(batch_size=True), dict(threads=0), dict(seed=-1)])
+def test_config_rejects_bad_values(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        VisionPretrainConfig(**bad)
+
+
+def test_pretrain_vision_writes_a_checkpoint_that_softmask_pretrain_loads(tmp_path):
+    out = str(tmp_path / "vit.safetensors")
+    cfg = VisionPretrainConfig(steps=3, batch_size=4, test_size=8, eval_every=2, warmup_steps=1)
+    vit, report = pretrain_vision(cfg, out, log=None)
+    assert [r["step"] for r in report["history"]] == [2, 3]
+    assert 0 <= report["test_shape_acc"] <= 1 and 0 <= report["test_color_acc"] <= 1
+    with open(str(tmp_path / "vit.json")) as f:
+        assert json.load(f)["config"]["steps"] == 3
+    state = load_file(out)
+    assert "reg_token" in state and not any(k.startswith("head.") for k in state)
+    tcfg = TrainConfig(vit_checkpoint=out)
+    assert resolve_vit_checkpoint(tcfg) == out
+    model = build_model(tcfg, None, tcfg.model_config(_tok()))
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(model.visual_encoder.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(model.visual_encoder_m.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out"):
+        pretrain_vision(cfg, str(tmp_path / "vit.pt"), log=None)
+
+
+def test_cli(tmp_path, capsys):
+    out = str(tmp_path / "v.safetensors")
+    main(["--out", out, "--steps", "2", "--batch-size", "2", "--warmup-steps", "0", "--threads", "1"])
+    assert os.path.exists(out) and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seconds"] >= 0
+    with pytest.raises(SystemExit):
+        main(["--out", out, "--steps", "0"])
+    assert "steps" in capsys.readouterr().err
+
+
+def _tok():
+    from softmask.data import get_tokenizer
+
+    return get_tokenizer(None)
+
+
+def test_auto_picks_the_shipped_vit_only_where_it_fits(tmp_path):
+    builtin = builtin_vit_path()
+    assert resolve_vit_checkpoint(TrainConfig()) == builtin
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT)) == builtin
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT, vision_registers=0)) == builtin
+    assert resolve_vit_checkpoint(TrainConfig(vision_registers=4)) == builtin  # the preset's own value
+    for cfg in (TrainConfig(vit_checkpoint="none"), TrainConfig(vit_checkpoint=None), TrainConfig(preset="base"),
+                TrainConfig(data=str(tmp_path / "caps.json")), TrainConfig(vision_stem="cnn"),
+                TrainConfig(vision_registers=0), TrainConfig(init_checkpoint=str(tmp_path))):
+        assert resolve_vit_checkpoint(cfg) is None, cfg
+    with pytest.raises(Exception, match="init_checkpoint"):
+        TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint=BUILTIN_VIT)
+
+
+def test_shipped_vit_loads_into_the_tiny_model_and_names_shapes():
+    path = builtin_vit_path()
+    assert os.path.exists(path), "the shipped ViT checkpoint is missing from the package"
+    tcfg = TrainConfig()
+    model = SoftMaskALBEF(tcfg.model_config(_tok()))
+    rep = load_pretrained(model, vit_checkpoint=path)
+    assert rep["vit_not_in_checkpoint"] == [] and rep["vit_loaded"] == len(load_file(path))
+    with open(path[: -len(".safetensors")] + ".json") as f:
+        report = json.load(f)
+    assert report["model_preset"] == "tiny" and report["test_shape_acc"] >= 0.9
+    # a fresh check of the shipped weights: a linear head fitted on held-out single objects' max-pooled patch
+    # tokens names their shape far above chance (20 %)
+    vit = model.visual_encoder.eval()
+    from softmask.data.augment import image_transform
+
+    tf = image_transform(64, False)
+    ds = ObjectsDataset("test", size=160, seed=7, transform=tf)
+    with torch.no_grad():
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        feats = vit.forward_features(x)[:, vit.num_prefix_tokens:].amax(1)
+    y = torch.tensor([ds[i]["shape"] for i in range(len(ds))])
+    from benchmarks.shape_probe import linear_probe
+
+    assert linear_probe(feats[:100], y[:100], feats[100:], y[100:], len(SHAPES)) >= 0.8
