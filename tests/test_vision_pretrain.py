@@ -17,6 +17,7 @@ from softmask.train.vision_pretrain import (
     VisionPretrainConfig,
     builtin_vit_path,
     main,
+    patch_labels,
     pretrain_vision,
 )
 
@@ -25,13 +26,17 @@ def test_objects_dataset_labels_match_the_pixels():
     ds = ObjectsDataset("train", size=40, image_size=64, seed=3)
     for i in range(len(ds)):
         item = ds[i]
-        assert item == {**item, "index": i} and set(item) == {"image", "shape", "color", "box", "index"}
+        assert item["index"] == i and set(item) == {"image", "shape", "color", "box", "mask", "index"}
         x0, y0, x1, y1 = item["box"]
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
         # the box centre is painted for every shape (triangle: its centroid column, mid-height)
         cx, cy = int((x0 + x1 - 1) / 2), int((y0 + y1 - 1) / 2)
         pixel = np.asarray(item["image"])[cy, cx]
         assert tuple(int(v) for v in pixel) == list(COLORS.values())[item["color"]], (i, item)
+        # the mask is exactly the painted pixels
+        img, mask = np.asarray(item["image"]), item["mask"].numpy().astype(bool)
+        painted = (img == np.array(list(COLORS.values())[item["color"]])).all(-1)
+        assert item["mask"].dtype == torch.uint8 and np.array_equal(mask, painted) and mask[cy, cx]
         assert 0 <= item["shape"] < len(SHAPES)
 
 
@@ -61,6 +66,23 @@ def test_config_rejects_bad_values(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         VisionPretrainConfig(**bad)
+
+
+def test_patch_labels():
+    mask = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    mask[0, :8, :8] = 1  # patch 0 fully covered
+    mask[0, 8:10, 8:16] = 1  # patch 3: a quarter
+    mask[1, 0, 0] = 1  # patch 0: 1/64 (ignored)
+    mask[1, 8:, 0:7] = 1  # patch 2: 56/64
+    got = patch_labels(mask, torch.tensor([3, 1]), 8, 5)
+    assert got.tolist() == [[3, 5, 5, 3], [-100, 5, 1, 5]]
+
+
+@pytest.mark.parametrize("pool", ["dense", "max", "cls"])
+def test_every_pool_trains(pool):
+    cfg = VisionPretrainConfig(steps=2, batch_size=3, test_size=4, eval_every=1, warmup_steps=0, pool=pool)
+    vit, report = pretrain_vision(cfg, log=None)
+    assert len(report["history"]) == 2 and all(np.isfinite(r["loss"]) for r in report["history"])
 
 
 def test_pretrain_vision_writes_a_checkpoint_that_softmask_pretrain_loads(tmp_path):

@@ -328,7 +328,9 @@ class ObjectsDataset(torch.utils.data.Dataset):
         size: number of items (default: 10**9 for train, an effectively endless stream; 512 for test).
         image_size, seed, transform: as :class:`ShapesDataset`.
 
-    ``ds[i]``: ``{"image", "shape" (index into SHAPES), "color" (index into COLORS), "box", "index"}``.
+    ``ds[i]``: ``{"image", "shape" (index into SHAPES), "color" (index into COLORS), "box", "mask", "index"}``;
+    ``mask`` is a ``uint8`` tensor ``[S, S]``, 1 on the object's painted pixels of the image before ``transform``
+    (a geometric transform moves the pixels, not the mask).
     """
 
     def __init__(self, split: str = "train", size: Optional[int] = None, image_size: int = 64, seed: int = 0,
@@ -351,5 +353,39 @@ class ObjectsDataset(torch.utils.data.Dataset):
         if s.transform is not None:
             image = s.transform(image)
         o = scene["objects"][0]
+        mask = Image.new("L", (s.image_size, s.image_size), 0)
+        _draw_shape(ImageDraw.Draw(mask), o["word"], o["box"], 1)
         return {"image": image, "shape": _SHAPE_INDEX[o["word"]], "color": _COLOR_INDEX[o["color"]],
-                "box": list(o["box"]), "index": index}
+                "box": list(o["box"]), "mask": torch.from_numpy(np.array(mask, dtype=np.uint8)), "index": index}
+
+
+_PHRASE = None
+
+
+def caption_holds(caption: str, objects) -> bool:
+    """Whether a shapes caption is true of an image with ``objects`` (dicts with ``"word"``, ``"color"`` and
+    ``"box"``, as the items' ``"objects"``): the caption names exactly the image's objects (every shapes
+    caption names all of its image's objects) and the relation it states, if any, holds between their boxes
+    (:func:`_relation`, the rule the generator uses). Two different strings can both hold ("there is a red
+    circle", "a picture of a red circle"); the evaluation's ITM probe counts only captions that do not hold as
+    negatives."""
+    import re
+
+    global _PHRASE
+    if _PHRASE is None:
+        _PHRASE = re.compile(r"\b(?:a|an) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
+    named = [(m.group(1), m.group(2), m.start(), m.end()) for m in _PHRASE.finditer(caption)]
+    have = {(o["color"], o["word"]): o["box"] for o in objects}
+    if {(c, s) for c, s, _, _ in named} != set(have) or len(named) != len(have):
+        return False
+    for rel in RELATIONS:
+        k = caption.find(f" {rel} ")
+        if k < 0:
+            continue
+        before = [n for n in named if n[3] <= k]
+        after = [n for n in named if n[2] > k]
+        if not before or not after:
+            return False
+        a, b = before[-1], after[0]
+        return rel in _relation(have[(a[0], a[1])], have[(b[0], b[1])])
+    return True

@@ -333,15 +333,29 @@ def soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, *, seed
     return torch.cat(masked), torch.cat(masks), words
 
 
+def _caption_truth(enc) -> Optional[torch.Tensor]:
+    """``[Ni, Nt]``: caption t is true of image i (:func:`softmask.data.shapes.caption_holds`), when every
+    text carries its image's objects with boxes (the shapes data); else None."""
+    from softmask.data.shapes import caption_holds
+
+    if not enc.objects or not all(enc.objects) or not all("box" in o for objs in enc.objects for o in objs):
+        return None
+    first = [texts[0] for texts in enc.img2txt]
+    return torch.tensor([[caption_holds(c, enc.objects[f]) for c in enc.captions] for f in first], dtype=torch.bool)
+
+
 def itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, *, seed: int = 0,
-              device="cpu", txt2img=None) -> dict:
+              device="cpu", txt2img=None, holds=None) -> dict:
     """The shortcut probe: mean ITM match probability of held-out positives and hard negatives, each with
     clean and with soft-masked images.
 
     ``sims [Ni, Nt]``; ``captions`` and ``txt2img`` (the image of every text; None: text i belongs to image
     i) per text. Positives are the pairs (text t, its image). Hard negatives are, for every image, the text
     of highest ITC similarity whose caption is none of the image's own, and for every text the image of
-    highest ITC similarity none of whose captions is the text's (Ni + Nt pairs). The soft-masked variants
+    highest ITC similarity none of whose captions is the text's (Ni + Nt pairs). ``holds [Ni, Nt]`` (bool,
+    optional; the shapes data: :func:`softmask.data.shapes.caption_holds`) marks the texts that are true of
+    an image although its own captions say it otherwise ("a picture of a red circle" of an image captioned
+    "there is a red circle"): those are no negatives either. The soft-masked variants
     use every image soft-masked by a random word of its first caption (:func:`soft_masked_embeds`), so a
     dimmed hard negative is dimmed exactly as the training loop dims it. A model that learned "dimmed means
     match" shows ``itm_neg_masked`` far above ``itm_neg``.
@@ -353,6 +367,8 @@ def itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, 
     own = torch.zeros(ni, len(cap_ids), dtype=torch.bool)
     own[txt2img, cid] = True  # (Ni, distinct captions): the captions of every image
     same = own[:, cid]  # (Ni, Nt): text t says exactly what one of image i's captions says
+    if holds is not None:
+        same = same | torch.as_tensor(holds, dtype=torch.bool)
     masked_sims = sims.masked_fill(same, float("-inf"))
     ok_i, ok_t = ~same.all(1), ~same.all(0)
     rows_i, rows_t = torch.arange(ni)[ok_i], torch.arange(nt)[ok_t]
@@ -444,7 +460,7 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
                duplicate_captions=sum(1 for c in enc.captions if counts[c] > 1))
     if probe:
         res.update(itm_probe(model, tokenizer, enc.img_embeds, enc.txt_ids, enc.txt_masks, sims, enc.captions,
-                             device=device, txt2img=txt2img))
+                             device=device, txt2img=txt2img, holds=_caption_truth(enc)))
     if pointing and any(enc.objects):
         res.update(_pointing(model, tokenizer, enc, device))
     if overlays_png is not None:

@@ -797,7 +797,8 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer.save_pretrained(tok_dir)
         _write_json_atomic(os.path.join(out, "config.json"),
                            {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "tokenizer",
-                            "world_size": world, "total_steps": total_steps})
+                            "world_size": world, "total_steps": total_steps,
+                            "vit_weights": resolve_vit_checkpoint(cfg) if init is None else None})
 
     # a head without a loss (MLM in fine-tuning) is left out of the optimizer: weight decay would only shrink it
     frozen = ("mlm_head.",) if mcfg.weight_mlm == 0 else ()
@@ -820,6 +821,9 @@ def train(cfg: TrainConfig) -> dict:
             print(f"{prog}: resumed from {ckpt} (step {step})", file=sys.stderr)
     if is_main:  # after every check that can stop the run: an error is the only line of a run that fails
         print_notes(prepared.notes, prog)
+        vit_file = resolve_vit_checkpoint(cfg) if init is None and ckpt is None else None
+        if vit_file:
+            print(f"{prog}: ViT initialized from {vit_file}", file=sys.stderr)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if is_main:
         if ckpt is not None:

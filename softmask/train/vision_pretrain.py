@@ -46,6 +46,9 @@ def builtin_vit_path() -> str:
     return _BUILTIN_FILE
 
 
+POOLS = ("dense", "max", "cls")
+
+
 @dataclass
 class VisionPretrainConfig:
     """Settings of :func:`pretrain_vision` (the defaults made the shipped checkpoint)."""
@@ -57,7 +60,9 @@ class VisionPretrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 5.0
-    pool: str = "max"  # what the head reads: "max" (over the patch tokens) or "cls"
+    # what the head reads: "dense" (every patch token names what covers it: the object's shape and colour, or
+    # background), "max" (the elementwise max over the patch tokens names the image's object) or "cls"
+    pool: str = "dense"
     seed: int = 0
     test_size: int = 512
     eval_every: int = 250
@@ -75,8 +80,8 @@ class VisionPretrainConfig:
                 raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
-        if self.pool not in ("max", "cls"):
-            raise ValueError(f"pool: expected 'max' or 'cls', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool: expected one of {POOLS}, got {self.pool!r}")
         if self.preset not in ("tiny", "base"):
             raise ValueError(f"preset: expected 'tiny' or 'base', got {self.preset!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -84,11 +89,34 @@ class VisionPretrainConfig:
             raise ValueError(f"threads: expected a positive int or None, got {self.threads!r}")
 
 
-def _pooled(vit, x: torch.Tensor, pool: str) -> torch.Tensor:
+def _logits(vit, head, x: torch.Tensor, pool: str) -> torch.Tensor:
+    """``[B, 11]`` image logits (5 shapes, 6 colours) for "max" / "cls"; ``[B, P, 13]`` patch logits (5 shapes
+    and background, 6 colours and background) for "dense"."""
     tokens = vit.forward_features(x)
     if pool == "cls":
-        return tokens[:, 0]
-    return tokens[:, vit.num_prefix_tokens:].amax(1)
+        return head(tokens[:, 0])
+    patches = tokens[:, vit.num_prefix_tokens:]
+    return head(patches.amax(1)) if pool == "max" else head(patches)
+
+
+def patch_labels(mask: torch.Tensor, label: torch.Tensor, patch: int, background: int) -> torch.Tensor:
+    """Per-patch targets of ``pool="dense"``: ``label`` where the object covers at least a quarter of the
+    patch, ``background`` where it covers none of it, -100 (ignored) in between. ``mask [B, S, S]``,
+    ``label [B]`` → ``[B, (S / patch) ** 2]``."""
+    cover = F.avg_pool2d(mask[:, None].float(), patch).flatten(1)
+    out = torch.full_like(cover, -100, dtype=torch.long)
+    out[cover >= 0.25] = label[:, None].expand_as(cover)[cover >= 0.25]
+    out[cover == 0] = background
+    return out
+
+
+def _image_predictions(logits: torch.Tensor, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted shape and colour of each image. Dense: the class whose probability peaks highest over the
+    patches (the background class left out)."""
+    if pool != "dense":
+        return logits[:, :5].argmax(1), logits[:, 5:].argmax(1)
+    ps, pc = logits[..., :6].softmax(-1)[..., :5], logits[..., 6:].softmax(-1)[..., :6]
+    return ps.amax(1).argmax(1), pc.amax(1).argmax(1)
 
 
 @torch.no_grad()
@@ -96,10 +124,10 @@ def _accuracy(vit, head, batches, pool: str) -> tuple[float, float]:
     was = vit.training
     vit.eval()
     ok_s = ok_c = n = 0
-    for x, s, c in batches:
-        logits = head(_pooled(vit, x, pool))
-        ok_s += int((logits[:, :5].argmax(1) == s).sum())
-        ok_c += int((logits[:, 5:].argmax(1) == c).sum())
+    for x, s, c, _ in batches:
+        pred_s, pred_c = _image_predictions(_logits(vit, head, x, pool), pool)
+        ok_s += int((pred_s == s).sum())
+        ok_c += int((pred_c == c).sum())
         n += len(s)
     vit.train(was)
     return ok_s / n, ok_c / n
@@ -108,7 +136,7 @@ def _accuracy(vit, head, batches, pool: str) -> tuple[float, float]:
 def _batch(ds, indices):
     items = [ds[i] for i in indices]
     return (torch.stack([it["image"] for it in items]), torch.tensor([it["shape"] for it in items]),
-            torch.tensor([it["color"] for it in items]))
+            torch.tensor([it["color"] for it in items]), torch.stack([it["mask"] for it in items]))
 
 
 def pretrain_vision(cfg: VisionPretrainConfig, out: Optional[str] = None, log=print) -> tuple[nn.Module, dict]:
@@ -129,9 +157,12 @@ def pretrain_vision(cfg: VisionPretrainConfig, out: Optional[str] = None, log=pr
     torch.manual_seed(cfg.seed)
     mcfg = model_preset(cfg.preset)
     vit = build_vision_encoder(mcfg)
-    head = nn.Linear(mcfg.vision_width, len(SHAPES) + len(COLORS))
+    dense = cfg.pool == "dense"
+    head = nn.Linear(mcfg.vision_width, len(SHAPES) + len(COLORS) + (2 if dense else 0))
+    # dense targets follow the untransformed pixels: no crop or geometric distortion (the stream of fresh
+    # images is endless, so nothing is seen twice anyway)
     train = ObjectsDataset("train", image_size=mcfg.image_size, seed=cfg.seed,
-                           transform=image_transform(mcfg.image_size, True, distort=cfg.image_aug))
+                           transform=image_transform(mcfg.image_size, not dense, distort=cfg.image_aug))
     test = ObjectsDataset("test", size=cfg.test_size, image_size=mcfg.image_size, seed=cfg.seed,
                           transform=image_transform(mcfg.image_size, False))
     test_batches = [_batch(test, range(s, min(len(test), s + 128))) for s in range(0, len(test), 128)]
@@ -143,13 +174,19 @@ def pretrain_vision(cfg: VisionPretrainConfig, out: Optional[str] = None, log=pr
     history, t0 = [], time.time()
     vit.train()
     for step in range(1, cfg.steps + 1):
-        x, s, c = _batch(train, range((step - 1) * cfg.batch_size, step * cfg.batch_size))
+        x, s, c, m = _batch(train, range((step - 1) * cfg.batch_size, step * cfg.batch_size))
         warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         lr = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        logits = head(_pooled(vit, x, cfg.pool))
-        loss = F.cross_entropy(logits[:, :len(SHAPES)], s) + F.cross_entropy(logits[:, len(SHAPES):], c)
+        logits = _logits(vit, head, x, cfg.pool)
+        if dense:
+            ns = len(SHAPES) + 1
+            loss = (F.cross_entropy(logits[..., :ns].flatten(0, 1), patch_labels(m, s, mcfg.patch_size, ns - 1).flatten())
+                    + F.cross_entropy(logits[..., ns:].flatten(0, 1),
+                                      patch_labels(m, c, mcfg.patch_size, len(COLORS)).flatten()))
+        else:
+            loss = F.cross_entropy(logits[:, :len(SHAPES)], s) + F.cross_entropy(logits[:, len(SHAPES):], c)
         if not torch.isfinite(loss):
             raise RuntimeError(f"vision pretraining: non-finite loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -188,7 +225,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--pool", default=d.pool, choices=("max", "cls"), help="what the classifier head reads")
+    p.add_argument("--pool", default=d.pool, choices=POOLS, help="what the classifier head reads")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-image-aug", action="store_true", help="crops without the caption-safe RandAugment")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: one per core)")
