@@ -158,3 +158,27 @@ def test_shipped_vit_loads_into_the_tiny_model_and_names_shapes():
     from benchmarks.shape_probe import linear_probe
 
     assert linear_probe(feats[:100], y[:100], feats[100:], y[100:], len(SHAPES)) >= 0.8
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 0.0])
+def test_vision_lr_scale_groups(scale):
+    from softmask.train.loop import _param_groups
+
+    tcfg = TrainConfig(vision_lr_scale=scale)
+    model = SoftMaskALBEF(tcfg.model_config(_tok()))
+    groups = _param_groups(model, 0.02, 1e-3, 0.1, (), scale)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    vit = [n for n, p in names.items() if n.startswith("visual_encoder.") and p.requires_grad]
+    other = [n for n, p in names.items() if not n.startswith("visual_encoder.") and p.requires_grad and n != "temp"]
+    assert vit and other
+    for n in other:
+        assert by_id[id(names[n])].get("lr", 1e-3) == 1e-3, n
+    for n in vit:
+        if scale == 0:
+            assert id(names[n]) not in by_id, n
+        else:
+            assert by_id[id(names[n])].get("lr", 1e-3) == pytest.approx(1e-3 * scale), n
+    assert by_id[id(names["temp"])]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(Exception, match="vision_lr_scale"):
+        TrainConfig(vision_lr_scale=-1.0)

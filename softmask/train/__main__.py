@@ -117,6 +117,8 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process (>= 2)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, cosine with warm-up)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--vision-lr-scale", type=float, default=d.vision_lr_scale,
+                   help="the ViT's learning rate relative to --lr (0: the ViT stays frozen)")
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
                    help="learning rate of the ITC temperature relative to --lr")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -62,7 +62,7 @@ class VisionPretrainConfig:
     grad_clip: float = 5.0
     # what the head reads: "dense" (every patch token names what covers it: the object's shape and colour, or
     # background), "max" (the elementwise max over the patch tokens names the image's object) or "cls"
-    pool: str = "dense"
+    pool: str = "max"
     seed: int = 0
     test_size: int = 512
     eval_every: int = 250
