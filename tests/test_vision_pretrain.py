@@ -120,18 +120,25 @@ def _tok():
     return get_tokenizer(None)
 
 
-def test_auto_picks_the_shipped_vit_only_where_it_fits(tmp_path):
-    builtin = builtin_vit_path()
-    assert resolve_vit_checkpoint(TrainConfig()) == builtin
-    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT)) == builtin
-    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT, vision_registers=0)) == builtin
-    assert resolve_vit_checkpoint(TrainConfig(vision_registers=4)) == builtin  # the preset's own value
-    for cfg in (TrainConfig(vit_checkpoint="none"), TrainConfig(vit_checkpoint=None), TrainConfig(preset="base"),
-                TrainConfig(data=str(tmp_path / "caps.json")), TrainConfig(vision_stem="cnn"),
-                TrainConfig(vision_registers=0), TrainConfig(init_checkpoint=str(tmp_path))):
-        assert resolve_vit_checkpoint(cfg) is None, cfg
+def test_vit_checkpoint_resolution(tmp_path):
+    assert resolve_vit_checkpoint(TrainConfig()) is None  # the default job: random init
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint="none")) is None
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT)) == builtin_vit_path()
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint="x.safetensors")) == "x.safetensors"
     with pytest.raises(Exception, match="init_checkpoint"):
         TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint=BUILTIN_VIT)
+    TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint="none")  # no conflict
+
+
+def test_default_job_starts_from_the_shipped_vit_only_when_asked():
+    tok = _tok()
+    for v, want in ((None, False), (BUILTIN_VIT, True)):
+        cfg = TrainConfig(vit_checkpoint=v)
+        model = build_model(cfg, tok)
+        shipped = load_file(builtin_vit_path())
+        same = torch.equal(model.visual_encoder.state_dict()["blocks.0.attn.qkv.weight"],
+                           shipped["blocks.0.attn.qkv.weight"])
+        assert same == want
 
 
 def test_shipped_vit_loads_into_the_tiny_model_and_names_shapes():

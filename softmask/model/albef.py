@@ -104,7 +104,42 @@ def build_vision_encoder(cfg: ModelConfig) -> nn.Module:
         reg_tokens=cfg.vision_registers,
     )
     set_vit_attention(vit, cfg.attn_impl)
+    if cfg.vision_attn_radius is not None:
+        set_local_attention(vit, cfg.vision_attn_radius)
     return vit
+
+
+class _LocalBlock(nn.Module):
+    """A timm ViT block whose self-attention gets the additive mask ``local_mask`` when none is given."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is None and not is_causal:
+            attn_mask = self.local_mask.to(dtype=x.dtype)
+        return type(self).__bases__[1].forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def local_attention_mask(grid: int, prefix: int, radius: int) -> torch.Tensor:
+    """Additive ``[N, N]`` mask (0 or -inf) of ``vision_attn_radius``: ``N = prefix + grid**2`` tokens; a
+    patch token attends to the patch tokens within ``radius`` (Chebyshev distance on the ``grid x grid``
+    patch grid) only; a prefix token attends to every token."""
+    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    yy, xx = yy.flatten(), xx.flatten()
+    near = torch.maximum((yy[:, None] - yy[None, :]).abs(), (xx[:, None] - xx[None, :]).abs()) <= radius
+    n = prefix + grid * grid
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed[prefix:, :prefix] = False
+    allowed[prefix:, prefix:] = near
+    return torch.zeros(n, n).masked_fill(~allowed, float("-inf"))
+
+
+def set_local_attention(vit: nn.Module, radius: int) -> None:
+    """Restrict ``vit``'s patch tokens to local self-attention (:func:`local_attention_mask`)."""
+    grid = vit.patch_embed.grid_size[0]
+    mask = local_attention_mask(grid, vit.num_prefix_tokens, radius)
+    for blk in vit.blocks:
+        if not isinstance(blk, _LocalBlock):
+            blk.__class__ = type("Local" + type(blk).__name__, (_LocalBlock, type(blk)), {})
+        blk.register_buffer("local_mask", mask.clone(), persistent=False)
 
 
 def set_vit_attention(vit: nn.Module, attn_impl: str) -> None:

@@ -41,6 +41,10 @@ class ModelConfig:
     # "patch": ViT's linear patch projection (loads timm / ALBEF weights); "conv": 3x3 stride-2 conv stem;
     # "cnn": the conv stem plus one 3x3 conv at the token resolution (each token sees 4 * patch - 1 pixels)
     vision_stem: str = "patch"
+    # None: global self-attention (timm's ViT). r >= 0: every patch token attends only to the patch tokens
+    # within r patches (Chebyshev distance) and to no prefix token ([CLS], registers), which attend to all;
+    # a patch token's receptive field then grows by r patches per block, as a CNN's does
+    vision_attn_radius: Optional[int] = None
     # what the ITC image feature reads: "cls" (ALBEF: the [CLS] token) or "max" (the elementwise max over
     # the patch tokens; docs/TRAINING_NOTES.md H8: a ViT learns the shapes data's shapes under max pooling
     # and not through [CLS] within the pretraining budget)
@@ -131,6 +135,10 @@ class ModelConfig:
             raise ValueError(f"bow_loss: expected 'softmax' or 'binary', got {self.bow_loss!r}")
         if self.vision_pool not in ("cls", "max"):
             raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
+        if self.vision_attn_radius is not None and (isinstance(self.vision_attn_radius, bool)
+                                                    or not isinstance(self.vision_attn_radius, int)
+                                                    or self.vision_attn_radius < 0):
+            raise ValueError(f"vision_attn_radius: expected None or an int >= 0, got {self.vision_attn_radius!r}")
         if self.vision_registers < 0:
             raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:

@@ -41,7 +41,8 @@ __all__ = ["main", "build_parser", "config_from_args", "config_from_argv"]
 
 PROG = "softmask-pretrain"
 # model settings a fine-tuning run takes from the softmask checkpoint it starts from, unless given
-_FROM_CHECKPOINT = ("preset", "fusion_layers", "vision_stem", "vision_registers", "queue_size", "max_len")
+_FROM_CHECKPOINT = ("preset", "fusion_layers", "vision_stem", "vision_registers", "vision_attn_radius", "queue_size",
+                    "max_len")
 
 # flags whose meaning is the negation of a field: dest -> (field, value when the flag is given, when not)
 _INVERTED = {
@@ -158,9 +159,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    "OpenMP stalls)")
     if not finetune:
         p.add_argument("--vit-checkpoint", default=d.vit_checkpoint,
-                       help="the ViT's initial weights: a local timm ViT file, 'shapes-objects' (the shipped tiny ViT, "
-                       "pretrained on labelled single-object images by softmask-vision-pretrain), 'none' (random "
-                       "init), or 'auto' (default: shapes-objects for the tiny preset on the shapes data, else none)")
+                       help="the ViT's initial weights: a local timm ViT file, or 'shapes-objects' (the shipped tiny "
+                       "ViT, pretrained on labelled single-object images by softmask-vision-pretrain; default: "
+                       "random init)")
         p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--pointing-every", type=int, default=d.pointing_every,
                    help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "

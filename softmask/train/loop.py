@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 
 from softmask.model import ModelConfig, SoftMaskALBEF, model_preset
-from softmask.model.config import PRESETS
 from softmask.model.pretrained import load_pretrained
 from softmask.train.checkpoint import (
     CheckpointError,
@@ -167,9 +166,8 @@ class TrainConfig:
     test_size: Optional[int] = None
     alpha_ramp_steps: Optional[int] = None  # None: 20 % of the steps
     # the ViT's initial weights: a local timm ViT file, "shapes-objects" (the shipped tiny ViT pretrained on
-    # labelled single-object images, softmask.train.vision_pretrain), "none" (random init), or "auto": the
-    # shipped ViT for the tiny preset's vision encoder on the shapes data without init_checkpoint, else none
-    vit_checkpoint: Optional[str] = "auto"
+    # labelled single-object images, softmask.train.vision_pretrain), or None / "none" (random init)
+    vit_checkpoint: Optional[str] = None
     bert_dir: Optional[str] = None
     # the weights training starts from: a softmask run or checkpoint directory (its model settings and tokenizer
     # are used; the objective's settings given here replace its own), or an ALBEF checkpoint file
@@ -190,6 +188,7 @@ class TrainConfig:
     momentum: Optional[float] = None
     vision_stem: Optional[str] = None
     vision_registers: Optional[int] = None
+    vision_attn_radius: Optional[int] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
     weight_itm: Optional[float] = None
@@ -211,7 +210,7 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         if self.task not in TASKS:
             raise ConfigError("task", self.task, f"expected one of {', '.join(repr(t) for t in TASKS)}")
-        if self.init_checkpoint is not None and (self.vit_checkpoint not in (None, "auto", "none") or self.bert_dir):
+        if self.init_checkpoint is not None and (self.vit_checkpoint not in (None, "none") or self.bert_dir):
             raise ConfigError("init_checkpoint", self.init_checkpoint, "expected either a checkpoint to start from "
                                                                        "or ViT / BERT weights (vit_checkpoint, "
                                                                        "bert_dir), not both")
@@ -257,7 +256,7 @@ class TrainConfig:
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
-                       "vision_registers")
+                       "vision_registers", "vision_attn_radius")
 
     def model_config(self, tokenizer):
         over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
@@ -425,22 +424,14 @@ def build_model(cfg: TrainConfig, tokenizer, mcfg: Optional[ModelConfig] = None)
 
 
 def resolve_vit_checkpoint(cfg: TrainConfig) -> Optional[str]:
-    """The ViT weights file ``cfg`` starts from, or None (random init). ``"auto"`` picks the shipped ViT
-    (:data:`softmask.train.vision_pretrain.BUILTIN_VIT`) when it fits: the ``tiny`` preset with its own
-    vision encoder (no ``vision_stem`` / ``vision_registers`` override), the shapes data, and no
-    ``init_checkpoint``; otherwise None."""
+    """The ViT weights file ``cfg`` starts from, or None (random init): ``vit_checkpoint`` itself, the
+    shipped file for ``"shapes-objects"`` (:data:`softmask.train.vision_pretrain.BUILTIN_VIT`), None for
+    None or ``"none"``."""
     from softmask.train.vision_pretrain import BUILTIN_VIT, builtin_vit_path
 
     v = cfg.vit_checkpoint
     if v is None or v == "none":
         return None
-    if v == "auto":
-        preset = PRESETS[cfg.preset]
-        own_vit = all(getattr(cfg, k) is None or getattr(cfg, k) == preset.get(k, getattr(ModelConfig, k))
-                      for k in ("vision_stem", "vision_registers"))
-        if cfg.preset != "tiny" or cfg.data != "shapes" or cfg.init_checkpoint is not None or not own_vit:
-            return None
-        v = BUILTIN_VIT
     return builtin_vit_path() if v == BUILTIN_VIT else v
 
 
@@ -677,7 +668,7 @@ def _init_source(cfg: TrainConfig) -> Optional[tuple]:
 
 
 # ModelConfig fields that shape the weights: a model started from a softmask checkpoint keeps its checkpoint's
-_ARCHITECTURE = ("fusion_layers", "vision_stem", "vision_registers", "queue_size")
+_ARCHITECTURE = ("fusion_layers", "vision_stem", "vision_registers", "vision_attn_radius", "queue_size")
 
 
 def _model_from_run(cfg: TrainConfig, ckpt: str, field: str):

@@ -68,6 +68,7 @@ class VisionPretrainConfig:
     eval_every: int = 250
     image_aug: bool = True
     threads: Optional[int] = None
+    vision_attn_radius: Optional[int] = None  # ModelConfig.vision_attn_radius (None: global attention)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "test_size", "eval_every"):
@@ -155,7 +156,7 @@ def pretrain_vision(cfg: VisionPretrainConfig, out: Optional[str] = None, log=pr
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    mcfg = model_preset(cfg.preset)
+    mcfg = model_preset(cfg.preset, vision_attn_radius=cfg.vision_attn_radius)
     vit = build_vision_encoder(mcfg)
     dense = cfg.pool == "dense"
     head = nn.Linear(mcfg.vision_width, len(SHAPES) + len(COLORS) + (2 if dense else 0))
@@ -227,13 +228,16 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--pool", default=d.pool, choices=POOLS, help="what the classifier head reads")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vision-attn-radius", type=int, default=None,
+                   help="local self-attention of the patch tokens (ModelConfig.vision_attn_radius; default: global)")
     p.add_argument("--no-image-aug", action="store_true", help="crops without the caption-safe RandAugment")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: one per core)")
     a = p.parse_args(argv)
     try:
         cfg = VisionPretrainConfig(preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                                    warmup_steps=a.warmup_steps, pool=a.pool, seed=a.seed,
-                                   image_aug=not a.no_image_aug, threads=a.threads)
+                                   image_aug=not a.no_image_aug, threads=a.threads,
+                                   vision_attn_radius=a.vision_attn_radius)
     except ValueError as e:
         p.error(str(e))
     _, report = pretrain_vision(cfg, a.out)
