@@ -174,6 +174,25 @@ def test_itm_probe_values_and_hard_negatives(tok):
     for k in ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked"):
         assert res[k] == pytest.approx(p, rel=1e-5), k
     assert res["itm_probe_pairs"] == {"positives": 10, "hard_negatives": 20}
+    # captions true of an image are no negatives of it: the hardest negative text of image 0 is skipped
+    # when it holds, and no image keeps a negative when every caption holds
+    holds = torch.zeros(10, 10, dtype=torch.bool)
+    first = sims[0].clone()
+    first[0] = float("-inf")
+    holds[0, int(first.argmax())] = True
+    seen = []
+    real = ev._itm_match_prob
+    monkeypatch_pairs = lambda m, e, i, mm, pi, pt, **kw: seen.append((pi.clone(), pt.clone())) or real(m, e, i, mm, pi, pt, **kw)
+    ev._itm_match_prob = monkeypatch_pairs
+    try:
+        ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"], holds=holds)
+        res_all = ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"],
+                               holds=torch.ones(10, 10, dtype=torch.bool))
+    finally:
+        ev._itm_match_prob = real
+    pi, pt = seen[1]  # the negatives of the first call
+    assert int(pt[(pi == 0).nonzero()[0]]) != int(first.argmax())
+    assert res_all["itm_probe_pairs"] == {"positives": 10, "hard_negatives": 0}
 
 
 def test_itm_probe_separates_what_the_head_separates(tok, monkeypatch):

@@ -123,17 +123,20 @@ def _tok():
 def test_vit_checkpoint_resolution(tmp_path):
     assert resolve_vit_checkpoint(TrainConfig()) is None  # the default job: random init
     assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint="none")) is None
-    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT)) == builtin_vit_path()
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1)) == builtin_vit_path()
+    for bad in (dict(), dict(vision_attn_radius=2), dict(vision_attn_radius=1, preset="base")):
+        with pytest.raises(Exception, match="vit_checkpoint.*radius 1"):
+            TrainConfig(vit_checkpoint=BUILTIN_VIT, **bad)
     assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint="x.safetensors")) == "x.safetensors"
     with pytest.raises(Exception, match="init_checkpoint"):
-        TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint=BUILTIN_VIT)
+        TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1)
     TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint="none")  # no conflict
 
 
 def test_default_job_starts_from_the_shipped_vit_only_when_asked():
     tok = _tok()
     for v, want in ((None, False), (BUILTIN_VIT, True)):
-        cfg = TrainConfig(vit_checkpoint=v)
+        cfg = TrainConfig(vit_checkpoint=v, vision_attn_radius=1)
         model = build_model(cfg, tok)
         shipped = load_file(builtin_vit_path())
         same = torch.equal(model.visual_encoder.state_dict()["blocks.0.attn.qkv.weight"],
@@ -144,13 +147,19 @@ def test_default_job_starts_from_the_shipped_vit_only_when_asked():
 def test_shipped_vit_loads_into_the_tiny_model_and_names_shapes():
     path = builtin_vit_path()
     assert os.path.exists(path), "the shipped ViT checkpoint is missing from the package"
-    tcfg = TrainConfig()
+    tcfg = TrainConfig(vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1)
     model = SoftMaskALBEF(tcfg.model_config(_tok()))
+    assert model.cfg.vision_attn_radius == 1
     rep = load_pretrained(model, vit_checkpoint=path)
     assert rep["vit_not_in_checkpoint"] == [] and rep["vit_loaded"] == len(load_file(path))
     with open(path[: -len(".safetensors")] + ".json") as f:
         report = json.load(f)
     assert report["model_preset"] == "tiny" and report["test_shape_acc"] >= 0.9
+    assert report["config"] == {**report["config"], "pool": "max", "vision_attn_radius": 1}
+    # the default command's settings are the shipped file's (only the thread count may differ)
+    from dataclasses import asdict
+
+    assert {**asdict(VisionPretrainConfig()), "threads": None} == {**report["config"], "threads": None}
     # a fresh check of the shipped weights: a linear head fitted on held-out single objects' max-pooled patch
     # tokens names their shape far above chance (20 %)
     vit = model.visual_encoder.eval()
@@ -189,3 +198,49 @@ def test_vision_lr_scale_groups(scale):
     assert by_id[id(names["temp"])]["lr"] == pytest.approx(1e-4)
     with pytest.raises(Exception, match="vision_lr_scale"):
         TrainConfig(vision_lr_scale=-1.0)
+
+
+def test_local_attention_mask_and_receptive_field():
+    from softmask.model.albef import build_vision_encoder, local_attention_mask
+    from softmask.model.config import model_preset
+
+    m = local_attention_mask(3, 2, 1)
+    assert m.shape == (11, 11) and (m[:2] == 0).all()  # prefix tokens see everything
+    assert torch.isinf(m[2:, :2]).all()  # patch tokens see no prefix token
+    assert (m[2 + 0, 2:] == 0).tolist() == [True, True, False, True, True, False, False, False, False]
+    assert (m[2 + 4] == 0)[2:].all()  # the centre patch sees all 9
+    with pytest.raises(ValueError, match="vision_attn_radius"):
+        model_preset("tiny", vision_attn_radius=-1)
+    for radius, attn in ((1, "sdpa"), (1, "eager"), (0, "sdpa"), (None, "sdpa")):
+        torch.manual_seed(0)
+        vit = build_vision_encoder(model_preset("tiny", vision_attn_radius=radius, attn_impl=attn))
+        x = torch.randn(1, 3, 64, 64, requires_grad=True)
+        tokens = vit.forward_features(x)
+        # the top-left patch token's receptive field: its own 8 px patch plus `radius` patches per block (4)
+        g, = torch.autograd.grad((tokens[0, vit.num_prefix_tokens] * torch.randn(tokens.shape[-1])).sum(), x)
+        seen = (g[0].abs().sum(0) > 0).nonzero().amax(0)
+        want = 63 if radius is None else min(63, 8 * (1 + 4 * radius) - 1)
+        assert seen.tolist() == [want, want], (radius, attn)
+        # the masks are buffers, not weights: the state dict is the global ViT's
+        assert not any("local_mask" in k for k in vit.state_dict())
+
+
+def test_caption_holds():
+    from softmask.data.shapes import caption_holds
+
+    ds = ShapesDataset("train", size=600, seed=2)
+    scenes = [ds.scene(i) for i in range(len(ds))]
+    assert all(caption_holds(s["caption"], s["objects"]) for s in scenes)
+    a = {"word": "circle", "color": "red", "box": [2, 2, 20, 20]}
+    b = {"word": "square", "color": "blue", "box": [30, 2, 50, 20]}
+    c = {"word": "cross", "color": "green", "box": [30, 40, 50, 60]}
+    assert caption_holds("a red circle left of a blue square", [a, b])
+    assert caption_holds("there is a blue square right of a red circle", [b, a])
+    assert not caption_holds("a red circle right of a blue square", [a, b])
+    assert not caption_holds("a red circle above a blue square", [a, b])  # same row: neither above nor below
+    assert not caption_holds("a red circle left of a green square", [a, b])
+    assert not caption_holds("a red circle", [a, b])  # a caption names every object of its image
+    assert caption_holds("a picture of a red circle", [a]) and caption_holds("there is a red circle", [a])
+    assert caption_holds("a green cross and a red circle left of a blue square", [a, b, c])
+    assert caption_holds("a blue square is above a green cross, and a red circle", [a, b, c])
+    assert not caption_holds("a blue square is below a green cross, and a red circle", [a, b, c])

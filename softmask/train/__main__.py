@@ -120,6 +120,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--vision-lr-scale", type=float, default=d.vision_lr_scale,
                    help="the ViT's learning rate relative to --lr (0: the ViT stays frozen)")
+    p.add_argument("--vision-attn-radius", type=int, default=None,
+                   help="local self-attention for the ViT's patch tokens: each sees the patches within this many "
+                   "patches (default: global attention, timm's ViT)")
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
                    help="learning rate of the ITC temperature relative to --lr")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -214,6 +214,14 @@ class TrainConfig:
             raise ConfigError("init_checkpoint", self.init_checkpoint, "expected either a checkpoint to start from "
                                                                        "or ViT / BERT weights (vit_checkpoint, "
                                                                        "bert_dir), not both")
+        from softmask.train.vision_pretrain import BUILTIN_VIT, BUILTIN_VIT_RADIUS
+
+        if self.vit_checkpoint == BUILTIN_VIT and (self.preset != "tiny" or self.vision_attn_radius != BUILTIN_VIT_RADIUS):
+            raise ConfigError("vit_checkpoint", self.vit_checkpoint,
+                              f"the shipped ViT is the tiny preset's with local attention of radius "
+                              f"{BUILTIN_VIT_RADIUS}; expected preset 'tiny' and vision_attn_radius {BUILTIN_VIT_RADIUS} "
+                              f"(--vision-attn-radius {BUILTIN_VIT_RADIUS}; configs/tiny_pretrained_vit.json sets both), "
+                              f"got preset {self.preset!r} and vision_attn_radius {self.vision_attn_radius!r}")
         if self.partial_load and self.init_checkpoint is None:
             raise ConfigError("partial_load", NO_VALUE, "only applies to a checkpoint to start from "
                                                         "(init_checkpoint, --checkpoint)")
@@ -297,7 +305,7 @@ def _check_type(name: str, value, hint) -> None:
 
 
 # Top-level keys of a run's own ``config.json`` besides ``"train"`` (derived from it; ignored when replayed).
-_RUN_CONFIG_KEYS = ("model", "tokenizer_dir", "world_size", "total_steps")
+_RUN_CONFIG_KEYS = ("model", "tokenizer_dir", "world_size", "total_steps", "vit_weights")
 
 
 def load_config_file(path: str) -> dict:

@@ -1,6 +1,7 @@
 """Pretrain the vision encoder on labelled single-object images: the shapes world's ImageNet stage.
 
     softmask-vision-pretrain --out vit.safetensors [--steps 1500] [--seed 0] [--threads N]
+        [--pool max|dense|cls] [--vision-attn-radius 1 | --global-attention]
 
 ALBEF does not train its ViT from scratch: it starts from DeiT weights trained on ImageNet, a
 data set of labelled, object-centred photographs. This command is the same stage for the
@@ -9,7 +10,11 @@ trained to name the shape and the colour of the single object in an image of
 :class:`softmask.data.shapes.ObjectsDataset` (two softmax cross-entropies), with the training
 augmentation of image-text pretraining. The head reads the elementwise max over the patch tokens,
 which makes every patch that shows part of an object carry what it is (docs/TRAINING_NOTES.md,
-H8 and H18); [CLS] is trained by image-text pretraining afterwards, as ALBEF's ITC head is.
+H8 and H18); [CLS] is trained by image-text pretraining afterwards, as ALBEF's ITC head is. The
+patch tokens use local self-attention (``vision_attn_radius=1``): with timm's global attention
+every token, background included, learns to carry the image's object, and cross-attention
+Grad-CAM then has nothing to point at (H18, H22). ``pool="dense"`` (a target per patch from the
+object's mask) did not keep the tokens local either (H19).
 
 The output is a ``.safetensors`` file of the ViT's state (timm keys, no head) that
 ``softmask-pretrain --vit-checkpoint FILE`` loads, with a ``.json`` report beside it (settings,
@@ -32,11 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["VisionPretrainConfig", "pretrain_vision", "BUILTIN_VIT", "builtin_vit_path", "main"]
+__all__ = ["VisionPretrainConfig", "pretrain_vision", "BUILTIN_VIT", "BUILTIN_VIT_RADIUS", "builtin_vit_path", "main"]
 
 #: Name of the shipped ``tiny`` ViT checkpoint (``vit_checkpoint="shapes-objects"``), made by
-#: ``softmask-vision-pretrain --out softmask/weights/vit_tiny_shapes_objects.safetensors``.
+#: ``softmask-vision-pretrain --out softmask/weights/vit_tiny_shapes_objects.safetensors --threads 1``
+#: (the defaults: max readout, local attention of radius :data:`BUILTIN_VIT_RADIUS`).
 BUILTIN_VIT = "shapes-objects"
+#: The ``vision_attn_radius`` the shipped weights were trained with (a run loading them must use it).
+BUILTIN_VIT_RADIUS = 1
 _BUILTIN_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
                              "vit_tiny_shapes_objects.safetensors")
 
@@ -68,7 +76,8 @@ class VisionPretrainConfig:
     eval_every: int = 250
     image_aug: bool = True
     threads: Optional[int] = None
-    vision_attn_radius: Optional[int] = None  # ModelConfig.vision_attn_radius (None: global attention)
+    # ModelConfig.vision_attn_radius: 1 (the shipped weights; docs/TRAINING_NOTES.md H22) or None (global attention)
+    vision_attn_radius: Optional[int] = 1
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "test_size", "eval_every"):
@@ -211,7 +220,7 @@ def pretrain_vision(cfg: VisionPretrainConfig, out: Optional[str] = None, log=pr
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         state = {k: v.detach().contiguous().clone() for k, v in vit.state_dict().items()}
         save_file(state, out, metadata={"format": "pt", "source": "softmask-vision-pretrain",
-                                        "preset": cfg.preset})
+                                        "preset": cfg.preset, "vision_attn_radius": str(cfg.vision_attn_radius)})
         with open(out[: -len(".safetensors")] + ".json", "w") as f:
             json.dump(report, f, indent=1)
     return vit, report
@@ -228,8 +237,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--pool", default=d.pool, choices=POOLS, help="what the classifier head reads")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--vision-attn-radius", type=int, default=None,
-                   help="local self-attention of the patch tokens (ModelConfig.vision_attn_radius; default: global)")
+    p.add_argument("--vision-attn-radius", type=int, default=d.vision_attn_radius,
+                   help="local self-attention of the patch tokens (ModelConfig.vision_attn_radius)")
+    p.add_argument("--global-attention", action="store_true", help="timm's global self-attention instead")
     p.add_argument("--no-image-aug", action="store_true", help="crops without the caption-safe RandAugment")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: one per core)")
     a = p.parse_args(argv)
@@ -237,7 +247,7 @@ def main(argv=None) -> None:
         cfg = VisionPretrainConfig(preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                                    warmup_steps=a.warmup_steps, pool=a.pool, seed=a.seed,
                                    image_aug=not a.no_image_aug, threads=a.threads,
-                                   vision_attn_radius=a.vision_attn_radius)
+                                   vision_attn_radius=None if a.global_attention else a.vision_attn_radius)
     except ValueError as e:
         p.error(str(e))
     _, report = pretrain_vision(cfg, a.out)
