@@ -244,3 +244,16 @@ def test_caption_holds():
     assert caption_holds("a green cross and a red circle left of a blue square", [a, b, c])
     assert caption_holds("a blue square is above a green cross, and a red circle", [a, b, c])
     assert not caption_holds("a blue square is below a green cross, and a red circle", [a, b, c])
+
+
+def test_token_locality_probe_runs_on_a_small_set():
+    from benchmarks.token_locality import locality, main as locality_main
+    from softmask.model.albef import build_vision_encoder
+    from softmask.model.config import model_preset
+
+    torch.manual_seed(0)
+    out = locality(build_vision_encoder(model_preset("tiny", vision_attn_radius=1)), n=24)
+    assert 0 < out["images"] <= 24
+    assert all(0 <= out[f"shape_probe_{k}"] <= 1 for k in ("inside", "outside", "far"))
+    with pytest.raises(SystemExit):
+        locality_main(["--radius", "1"])  # the weights argument is required
