@@ -155,7 +155,7 @@ def test_softmask_negatives_pair_dimmed_images_with_wrong_captions(tok, batch, m
     assert torch.equal(masked[:, 0], i_pos[:, 0])
 
 
-def test_itm_probe_values_and_hard_negatives(tok):
+def test_itm_probe_values_and_hard_negatives(tok, monkeypatch):
     """The probe's four means are the ITM match probabilities of the pairs it names: with a constant head
     every mean is sigmoid(b); the hard negatives never share the positive's caption."""
     from softmask.eval import evaluate as ev
@@ -182,14 +182,15 @@ def test_itm_probe_values_and_hard_negatives(tok):
     holds[0, int(first.argmax())] = True
     seen = []
     real = ev._itm_match_prob
-    monkeypatch_pairs = lambda m, e, i, mm, pi, pt, **kw: seen.append((pi.clone(), pt.clone())) or real(m, e, i, mm, pi, pt, **kw)
-    ev._itm_match_prob = monkeypatch_pairs
-    try:
-        ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"], holds=holds)
-        res_all = ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"],
-                               holds=torch.ones(10, 10, dtype=torch.bool))
-    finally:
-        ev._itm_match_prob = real
+
+    def spy(m, e, i, mm, pi, pt, **kw):
+        seen.append((pi.clone(), pt.clone()))
+        return real(m, e, i, mm, pi, pt, **kw)
+
+    monkeypatch.setattr(ev, "_itm_match_prob", spy)
+    ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"], holds=holds)
+    res_all = ev.itm_probe(model, tok, ie, b["input_ids"], b["attention_mask"], sims, b["captions"],
+                           holds=torch.ones(10, 10, dtype=torch.bool))
     pi, pt = seen[1]  # the negatives of the first call
     assert int(pt[(pi == 0).nonzero()[0]]) != int(first.argmax())
     assert res_all["itm_probe_pairs"] == {"positives": 10, "hard_negatives": 0}

@@ -23,6 +23,8 @@ Scene rules (what the captions can rely on):
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Optional
 
 import numpy as np
@@ -105,6 +107,24 @@ def _relation(a: list[float], b: list[float]) -> list[str]:
     return rels
 
 
+def _sample_box(rng: np.random.Generator, image_size: int) -> list[float]:
+    """A square object box ``[x0, y0, x1, y1]`` of side 22-44 % of the image, inside it."""
+    side = float(rng.uniform(_MIN_FRAC, _MAX_FRAC)) * image_size
+    side = float(max(4, int(round(side))))
+    x0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
+    y0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
+    return [x0, y0, x0 + side, y0 + side]
+
+
+def _sample_background(rng: np.random.Generator) -> tuple[tuple[int, int, int], float]:
+    """``(background RGB, noise std)``: a light, low-saturation grey, with light noise half of the time."""
+    grey = float(rng.uniform(200, 245))
+    tint = rng.uniform(-6, 6, size=3)  # low saturation: never close to a named colour
+    background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+    noise = float(rng.uniform(2.0, 8.0)) if rng.random() < 0.5 else 0.0
+    return background, noise
+
+
 def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.0) -> dict:
     """Draw a scene layout and its caption (no pixels) from ``rng``.
 
@@ -117,11 +137,7 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.
     boxes: list[list[float]] = []
     for _ in range(n_obj):
         for _try in range(_MAX_TRIES):
-            side = float(rng.uniform(_MIN_FRAC, _MAX_FRAC)) * image_size
-            side = float(max(4, int(round(side))))
-            x0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
-            y0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
-            box = [x0, y0, x0 + side, y0 + side]
+            box = _sample_box(rng, image_size)
             if all(
                 box[0] >= o[2] + gap or o[0] >= box[2] + gap or box[1] >= o[3] + gap or o[1] >= box[3] + gap
                 for o in boxes
@@ -153,10 +169,7 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.
             ordered = [a, b]
         caption = tmpl.format(**fields)
 
-    grey = float(rng.uniform(200, 245))
-    tint = rng.uniform(-6, 6, size=3)  # low saturation: never close to a named colour
-    background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
-    noise = float(rng.uniform(2.0, 8.0)) if rng.random() < 0.5 else 0.0
+    background, noise = _sample_background(rng)
     return {"caption": caption, "objects": ordered, "background": background, "noise": noise}
 
 
@@ -303,15 +316,9 @@ def sample_object(rng: np.random.Generator, image_size: int = 64) -> dict:
     ``{"objects": [{"word", "color", "box"}], "background", "noise"}``, for :func:`render_scene`."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
-    side = float(max(4, int(round(float(rng.uniform(_MIN_FRAC, _MAX_FRAC)) * image_size))))
-    x0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
-    y0 = float(rng.integers(1, max(2, image_size - int(side) - 1)))
-    grey = float(rng.uniform(200, 245))
-    tint = rng.uniform(-6, 6, size=3)
-    background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
-    noise = float(rng.uniform(2.0, 8.0)) if rng.random() < 0.5 else 0.0
-    return {"objects": [{"word": shape, "color": color, "box": [x0, y0, x0 + side, y0 + side]}],
-            "background": background, "noise": noise}
+    box = _sample_box(rng, image_size)
+    background, noise = _sample_background(rng)
+    return {"objects": [{"word": shape, "color": color, "box": box}], "background": background, "noise": noise}
 
 
 class ObjectsDataset(torch.utils.data.Dataset):
@@ -359,7 +366,25 @@ class ObjectsDataset(torch.utils.data.Dataset):
                 "box": list(o["box"]), "mask": torch.from_numpy(np.array(mask, dtype=np.uint8)), "index": index}
 
 
-_PHRASE = None
+_PHRASE = re.compile(r"\b(?:a|an) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_caption(caption: str) -> tuple[tuple, Optional[tuple]]:
+    """``(named objects, relation)`` of a shapes caption: the ``(colour, shape)`` phrases in order, and
+    ``(subject, relation, object)`` (phrases before and after the relation words), None without a relation,
+    or ``False`` for a relation with no phrase on one side."""
+    named = [(m.group(1), m.group(2), m.start(), m.end()) for m in _PHRASE.finditer(caption)]
+    for rel in RELATIONS:
+        k = caption.find(f" {rel} ")
+        if k < 0:
+            continue
+        before = [n for n in named if n[3] <= k]
+        after = [n for n in named if n[2] > k]
+        if not before or not after:
+            return tuple((c, s) for c, s, _, _ in named), False
+        return tuple((c, s) for c, s, _, _ in named), (before[-1][:2], rel, after[0][:2])
+    return tuple((c, s) for c, s, _, _ in named), None
 
 
 def caption_holds(caption: str, objects) -> bool:
@@ -369,23 +394,11 @@ def caption_holds(caption: str, objects) -> bool:
     (:func:`_relation`, the rule the generator uses). Two different strings can both hold ("there is a red
     circle", "a picture of a red circle"); the evaluation's ITM probe counts only captions that do not hold as
     negatives."""
-    import re
-
-    global _PHRASE
-    if _PHRASE is None:
-        _PHRASE = re.compile(r"\b(?:a|an) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
-    named = [(m.group(1), m.group(2), m.start(), m.end()) for m in _PHRASE.finditer(caption)]
+    named, relation = _parse_caption(caption)
     have = {(o["color"], o["word"]): o["box"] for o in objects}
-    if {(c, s) for c, s, _, _ in named} != set(have) or len(named) != len(have):
+    if set(named) != set(have) or len(named) != len(have) or relation is False:
         return False
-    for rel in RELATIONS:
-        k = caption.find(f" {rel} ")
-        if k < 0:
-            continue
-        before = [n for n in named if n[3] <= k]
-        after = [n for n in named if n[2] > k]
-        if not before or not after:
-            return False
-        a, b = before[-1], after[0]
-        return rel in _relation(have[(a[0], a[1])], have[(b[0], b[1])])
-    return True
+    if relation is None:
+        return True
+    a, rel, b = relation
+    return rel in _relation(have[a], have[b])

@@ -115,7 +115,7 @@ class _LocalBlock(nn.Module):
     def forward(self, x, attn_mask=None, is_causal=False):
         if attn_mask is None and not is_causal:
             attn_mask = self.local_mask.to(dtype=x.dtype)
-        return type(self).__bases__[1].forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def local_attention_mask(grid: int, prefix: int, radius: int) -> torch.Tensor:

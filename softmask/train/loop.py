@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from softmask.model import ModelConfig, SoftMaskALBEF, model_preset
 from softmask.model.pretrained import load_pretrained
+from softmask.train.vision_pretrain import BUILTIN_VIT, BUILTIN_VIT_RADIUS, builtin_vit_path
 from softmask.train.checkpoint import (
     CheckpointError,
     NoCheckpointError,
@@ -214,8 +215,6 @@ class TrainConfig:
             raise ConfigError("init_checkpoint", self.init_checkpoint, "expected either a checkpoint to start from "
                                                                        "or ViT / BERT weights (vit_checkpoint, "
                                                                        "bert_dir), not both")
-        from softmask.train.vision_pretrain import BUILTIN_VIT, BUILTIN_VIT_RADIUS
-
         if self.vit_checkpoint == BUILTIN_VIT and (self.preset != "tiny" or self.vision_attn_radius != BUILTIN_VIT_RADIUS):
             raise ConfigError("vit_checkpoint", self.vit_checkpoint,
                               f"the shipped ViT is the tiny preset's with local attention of radius "
@@ -435,8 +434,6 @@ def resolve_vit_checkpoint(cfg: TrainConfig) -> Optional[str]:
     """The ViT weights file ``cfg`` starts from, or None (random init): ``vit_checkpoint`` itself, the
     shipped file for ``"shapes-objects"`` (:data:`softmask.train.vision_pretrain.BUILTIN_VIT`), None for
     None or ``"none"``."""
-    from softmask.train.vision_pretrain import BUILTIN_VIT, builtin_vit_path
-
     v = cfg.vit_checkpoint
     if v is None or v == "none":
         return None
@@ -800,6 +797,7 @@ def train(cfg: TrainConfig) -> dict:
 
     tok_dir = os.path.join(out, "tokenizer")
     model = build_model(cfg, tokenizer, mcfg)
+    vit_file = resolve_vit_checkpoint(cfg)  # None with init_checkpoint (TrainConfig allows only one of them)
     init_report = _load_init(model, cfg, init, prepared.notes) if init is not None else None
     model = model.to(device)
     mcfg = model.cfg
@@ -808,7 +806,7 @@ def train(cfg: TrainConfig) -> dict:
         _write_json_atomic(os.path.join(out, "config.json"),
                            {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "tokenizer",
                             "world_size": world, "total_steps": total_steps,
-                            "vit_weights": resolve_vit_checkpoint(cfg) if init is None else None})
+                            "vit_weights": vit_file})
 
     # a head without a loss (MLM in fine-tuning) is left out of the optimizer: weight decay would only shrink it
     frozen = ("mlm_head.",) if mcfg.weight_mlm == 0 else ()
@@ -832,8 +830,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"{prog}: resumed from {ckpt} (step {step})", file=sys.stderr)
     if is_main:  # after every check that can stop the run: an error is the only line of a run that fails
         print_notes(prepared.notes, prog)
-        vit_file = resolve_vit_checkpoint(cfg) if init is None and ckpt is None else None
-        if vit_file:
+        if vit_file and ckpt is None:
             print(f"{prog}: ViT initialized from {vit_file}", file=sys.stderr)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if is_main:

@@ -19,8 +19,9 @@ object's mask) did not keep the tokens local either (H19).
 The output is a ``.safetensors`` file of the ViT's state (timm keys, no head) that
 ``softmask-pretrain --vit-checkpoint FILE`` loads, with a ``.json`` report beside it (settings,
 held-out accuracies, seconds). The package ships the result of the default command for the
-``tiny`` preset (:data:`BUILTIN_VIT`), and ``softmask-pretrain`` starts from it by default on the
-shapes data.
+``tiny`` preset (:data:`BUILTIN_VIT`): ``softmask-pretrain --vit-checkpoint shapes-objects
+--vision-attn-radius 1`` (or ``--config configs/tiny_pretrained_vit.json``) starts from it; the
+default job trains its ViT from scratch.
 """
 
 from __future__ import annotations
@@ -123,9 +124,13 @@ def patch_labels(mask: torch.Tensor, label: torch.Tensor, patch: int, background
 def _image_predictions(logits: torch.Tensor, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted shape and colour of each image. Dense: the class whose probability peaks highest over the
     patches (the background class left out)."""
+    from softmask.data.shapes import SHAPES
+
+    ns = len(SHAPES)
     if pool != "dense":
-        return logits[:, :5].argmax(1), logits[:, 5:].argmax(1)
-    ps, pc = logits[..., :6].softmax(-1)[..., :5], logits[..., 6:].softmax(-1)[..., :6]
+        return logits[:, :ns].argmax(1), logits[:, ns:].argmax(1)
+    # the last class of each softmax is "background"
+    ps, pc = logits[..., :ns + 1].softmax(-1)[..., :-1], logits[..., ns + 1:].softmax(-1)[..., :-1]
     return ps.amax(1).argmax(1), pc.amax(1).argmax(1)
 
 
@@ -176,8 +181,9 @@ def pretrain_vision(cfg: VisionPretrainConfig, out: Optional[str] = None, log=pr
     test = ObjectsDataset("test", size=cfg.test_size, image_size=mcfg.image_size, seed=cfg.seed,
                           transform=image_transform(mcfg.image_size, False))
     test_batches = [_batch(test, range(s, min(len(test), s + 128))) for s in range(0, len(test), 128)]
-    decay = [p for n, p in vit.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in vit.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)]
+    decay, no_decay = [], []
+    for n, p in vit.named_parameters():
+        (decay if p.ndim >= 2 and "pos_embed" not in n and "token" not in n else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay + [head.weight], "weight_decay": cfg.weight_decay},
                              {"params": no_decay + [head.bias], "weight_decay": 0.0}], lr=cfg.lr)
     params = list(vit.parameters()) + list(head.parameters())
