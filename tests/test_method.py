@@ -470,3 +470,38 @@ def test_softmask_pairs_flag_and_setting():
     assert e.value.code == 2
     with pytest.raises(ValueError, match="softmask_pairs: expected 'all' or 'one', got 'two'"):
         model_preset("tiny", softmask_pairs="two")
+
+
+def test_fusion_text_input_embeddings(tok, batch):
+    """``fusion_text_input="embeddings"``: the fusion encoder reads the BERT embedding output (its words do not
+    depend on the text layers), ITC still reads the text encoder's [CLS]; the flag reaches the model config and a
+    bad value is refused with the setting's name."""
+    from softmask.train.__main__ import config_from_argv
+
+    torch.manual_seed(0)
+    enc = SoftMaskALBEF(small(tok)).eval()
+    emb = SoftMaskALBEF(small(tok, fusion_text_input="embeddings")).eval()
+    emb.load_state_dict(enc.state_dict())
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        fe, feat_e = emb.encode_text(ids, am)
+        fa, feat_a = enc.encode_text(ids, am)
+        torch.testing.assert_close(fe, emb.text_encoder.embeddings(input_ids=ids))
+        torch.testing.assert_close(fa, enc.text_encoder(ids, am))
+        torch.testing.assert_close(feat_e, feat_a)  # the same ITC feature
+        assert not torch.allclose(fe, fa)
+        # changing the text layers moves the ITC feature, not what the fusion encoder reads
+        for p in emb.text_encoder.layer.parameters():
+            p.add_(0.1)
+        fe2, feat_e2 = emb.encode_text(ids, am)
+        torch.testing.assert_close(fe2, fe)
+        assert not torch.allclose(feat_e2, feat_e)
+    out = _forward(SoftMaskALBEF(small(tok, fusion_text_input="embeddings")).train(), batch)
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+
+    cfg, sources = config_from_argv(["--fusion-text-input", "embeddings"])
+    assert cfg.model_config(tok).fusion_text_input == "embeddings"
+    assert sources["fusion_text_input"] == ("flag", "--fusion-text-input")
+    with pytest.raises(ValueError, match="fusion_text_input: expected 'encoder' or 'embeddings', got 'cls'"):
+        model_preset("tiny", fusion_text_input="cls")

@@ -282,9 +282,12 @@ class SoftMaskALBEF(nn.Module):
         return F.normalize(proj(pooled).float(), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """``ids [B, L] -> (embeds [B, L, hidden], feat [B, E] unit-norm)``."""
-        embeds = self.text_encoder(input_ids, attention_mask)
-        return embeds, F.normalize(self.text_proj(embeds[:, 0]).float(), dim=-1)
+        """``ids [B, L] -> (embeds [B, L, hidden], feat [B, E] unit-norm)``: ``embeds`` is what the fusion
+        encoder reads (the text encoder's output, or its embedding layer's with
+        ``fusion_text_input="embeddings"``), ``feat`` the ITC feature from the text encoder's [CLS]."""
+        hidden, emb = self.text_encoder(input_ids, attention_mask, return_embeddings=True)
+        fusion_in = emb if self.cfg.fusion_text_input == "embeddings" else hidden
+        return fusion_in, F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
 
     def itm_logits(self, text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,
                    image_index=None):
@@ -472,7 +475,7 @@ class SoftMaskALBEF(nn.Module):
         if cfg.text_aug:
             fused_mlm = fused_pos
         else:
-            mlm_text = self.text_encoder(mlm_input_ids, attention_mask)
+            mlm_text, _ = self.encode_text(mlm_input_ids, attention_mask)
             fused_mlm, _ = self.fusion_encoder(mlm_text, attention_mask, image_kv=image_kv)
         sel = mlm_labels != -100
         if bool(sel.any()):

@@ -56,6 +56,10 @@ class ModelConfig:
     intermediate_size: int = 512
     text_layers: int = 2
     fusion_layers: int = 2
+    # what the fusion encoder's text side reads: "encoder" (ALBEF: the text encoder's output) or "embeddings"
+    # (BERT's embedding output, word + position: the text encoder then feeds ITC only, and every word's
+    # cross-attention query is built by the fusion layers alone; docs/TRAINING_NOTES.md H28)
+    fusion_text_input: str = "encoder"
     max_position_embeddings: int = 64
     type_vocab_size: int = 2
     hidden_dropout: float = 0.0
@@ -133,6 +137,8 @@ class ModelConfig:
             raise ValueError(f"weight_bow: expected a float >= 0, got {self.weight_bow!r}")
         if self.bow_loss not in ("softmax", "binary"):
             raise ValueError(f"bow_loss: expected 'softmax' or 'binary', got {self.bow_loss!r}")
+        if self.fusion_text_input not in ("encoder", "embeddings"):
+            raise ValueError(f"fusion_text_input: expected 'encoder' or 'embeddings', got {self.fusion_text_input!r}")
         if self.vision_pool not in ("cls", "max"):
             raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
         if self.vision_attn_radius is not None and (isinstance(self.vision_attn_radius, bool)

@@ -222,12 +222,15 @@ class TextEncoder(nn.Module):
         self.embeddings = BertEmbeddings(bcfg)
         self.layer = nn.ModuleList(Layer(cfg, bcfg, False, cfg.hidden_size) for _ in range(cfg.text_layers))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.embeddings(input_ids=input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, return_embeddings: bool = False):
+        """``-> hidden [B, L, hidden]``, or ``(hidden, embeddings)`` with ``return_embeddings`` (the embedding
+        layer's output, before the first layer)."""
+        emb = self.embeddings(input_ids=input_ids)
         mask = attention_mask.bool()
+        hidden = emb
         for layer in self.layer:
             hidden, _ = layer(hidden, mask)
-        return hidden
+        return (hidden, emb) if return_embeddings else hidden
 
 
 class FusionEncoder(nn.Module):

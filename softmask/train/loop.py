@@ -190,6 +190,7 @@ class TrainConfig:
     vision_stem: Optional[str] = None
     vision_registers: Optional[int] = None
     vision_attn_radius: Optional[int] = None
+    fusion_text_input: Optional[str] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
     weight_itm: Optional[float] = None
@@ -263,7 +264,7 @@ class TrainConfig:
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
-                       "vision_registers", "vision_attn_radius")
+                       "vision_registers", "vision_attn_radius", "fusion_text_input")
 
     def model_config(self, tokenizer):
         over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
@@ -673,7 +674,8 @@ def _init_source(cfg: TrainConfig) -> Optional[tuple]:
 
 
 # ModelConfig fields that shape the weights: a model started from a softmask checkpoint keeps its checkpoint's
-_ARCHITECTURE = ("fusion_layers", "vision_stem", "vision_registers", "vision_attn_radius", "queue_size")
+_ARCHITECTURE = ("fusion_layers", "vision_stem", "vision_registers", "vision_attn_radius", "queue_size",
+                 "fusion_text_input")
 
 
 def _model_from_run(cfg: TrainConfig, ckpt: str, field: str):
