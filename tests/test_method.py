@@ -503,5 +503,42 @@ def test_fusion_text_input_embeddings(tok, batch):
     cfg, sources = config_from_argv(["--fusion-text-input", "embeddings"])
     assert cfg.model_config(tok).fusion_text_input == "embeddings"
     assert sources["fusion_text_input"] == ("flag", "--fusion-text-input")
-    with pytest.raises(ValueError, match="fusion_text_input: expected 'encoder' or 'embeddings', got 'cls'"):
+    with pytest.raises(ValueError, match="fusion_text_input: expected 'encoder', 'embeddings' or 'shared', got 'cls'"):
         model_preset("tiny", fusion_text_input="cls")
+
+
+def test_fusion_text_input_shared_reuses_the_text_layers(tok, batch):
+    """``"shared"`` (BLIP): fusion layer i runs text layer i's self-attention and feed-forward (the same
+    parameters, counted once by the optimizer and trained by ITC, ITM and MLM alike) with its own cross-attention,
+    on the embeddings; more fusion than text layers is refused."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, fusion_text_input="shared")).train()
+    for fl, tl in zip(model.fusion_encoder.layer, model.text_encoder.layer):
+        assert fl.attention is tl.attention and fl.intermediate is tl.intermediate and fl.output is tl.output
+        assert fl.crossattention is not None
+    ids = {id(p) for p in model.parameters()}
+    base = SoftMaskALBEF(small(tok)).train()
+    shared = sum(p.numel() for l in base.fusion_encoder.layer for m in (l.attention, l.intermediate, l.output)
+                 for p in m.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters()) - shared
+    assert len(ids) == len(list(model.parameters()))
+    # the momentum text encoder is a copy, not the shared layers
+    assert model.text_encoder_m.layer[0].attention is not model.text_encoder.layer[0].attention
+    with torch.no_grad():
+        fe, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(fe, model.text_encoder.embeddings(input_ids=batch["input_ids"]))
+    out = _forward(model, batch)
+    out["loss_itm"].backward()  # ITM alone reaches the shared self-attention through the fusion pass
+    assert model.text_encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    apart = SoftMaskALBEF(small(tok, fusion_text_input="embeddings")).train()
+    _forward(apart, batch)["loss_itm"].backward()  # ... and not the text layers of a separate fusion stack
+    assert apart.text_encoder.layer[0].attention.self.query.weight.grad is None
+    sd = model.state_dict()
+    again = SoftMaskALBEF(small(tok, fusion_text_input="shared"))
+    again.load_state_dict(sd)
+    assert again.fusion_encoder.layer[1].attention is again.text_encoder.layer[1].attention
+    torch.testing.assert_close(again.fusion_encoder.layer[1].attention.self.query.weight,
+                               model.text_encoder.layer[1].attention.self.query.weight)
+    with pytest.raises(ValueError, match="expected fusion_layers <= text_layers, got 3 > 2"):
+        model_preset("tiny", fusion_text_input="shared", fusion_layers=3)

@@ -174,6 +174,9 @@ class SoftMaskALBEF(nn.Module):
         self.visual_encoder = build_vision_encoder(cfg)
         self.text_encoder = TextEncoder(cfg)
         self.fusion_encoder = FusionEncoder(cfg)
+        if cfg.fusion_text_input == "shared":  # BLIP: fusion layer i = text layer i + its own cross-attention
+            for fl, tl in zip(self.fusion_encoder.layer, self.text_encoder.layer):
+                fl.attention, fl.intermediate, fl.output = tl.attention, tl.intermediate, tl.output
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.hidden_size, 2)
@@ -286,7 +289,7 @@ class SoftMaskALBEF(nn.Module):
         encoder reads (the text encoder's output, or its embedding layer's with
         ``fusion_text_input="embeddings"``), ``feat`` the ITC feature from the text encoder's [CLS]."""
         hidden, emb = self.text_encoder(input_ids, attention_mask, return_embeddings=True)
-        fusion_in = emb if self.cfg.fusion_text_input == "embeddings" else hidden
+        fusion_in = hidden if self.cfg.fusion_text_input == "encoder" else emb
         return fusion_in, F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
 
     def itm_logits(self, text_embeds, attention_mask, image_embeds=None, capture_layer=None, *, image_kv=None,

@@ -56,9 +56,11 @@ class ModelConfig:
     intermediate_size: int = 512
     text_layers: int = 2
     fusion_layers: int = 2
-    # what the fusion encoder's text side reads: "encoder" (ALBEF: the text encoder's output) or "embeddings"
+    # what the fusion encoder's text side reads: "encoder" (ALBEF: the text encoder's output); "embeddings"
     # (BERT's embedding output, word + position: the text encoder then feeds ITC only, and every word's
-    # cross-attention query is built by the fusion layers alone; docs/TRAINING_NOTES.md H28)
+    # cross-attention query is built by the fusion layers alone; docs/TRAINING_NOTES.md H28); "shared" (the
+    # embeddings, through fusion layers whose self-attention and feed-forward are the text layers' own, with
+    # cross-attention inserted: BLIP's image-grounded text encoder; needs fusion_layers <= text_layers; H30)
     fusion_text_input: str = "encoder"
     max_position_embeddings: int = 64
     type_vocab_size: int = 2
@@ -137,8 +139,15 @@ class ModelConfig:
             raise ValueError(f"weight_bow: expected a float >= 0, got {self.weight_bow!r}")
         if self.bow_loss not in ("softmax", "binary"):
             raise ValueError(f"bow_loss: expected 'softmax' or 'binary', got {self.bow_loss!r}")
-        if self.fusion_text_input not in ("encoder", "embeddings"):
-            raise ValueError(f"fusion_text_input: expected 'encoder' or 'embeddings', got {self.fusion_text_input!r}")
+        if not (isinstance(self.mlm_prob, (int, float)) and not isinstance(self.mlm_prob, bool)
+                and 0.0 <= self.mlm_prob <= 1.0):
+            raise ValueError(f"mlm_prob: expected a value in [0, 1], got {self.mlm_prob!r}")
+        if self.fusion_text_input not in ("encoder", "embeddings", "shared"):
+            raise ValueError(f"fusion_text_input: expected 'encoder', 'embeddings' or 'shared', "
+                             f"got {self.fusion_text_input!r}")
+        if self.fusion_text_input == "shared" and self.fusion_layers > self.text_layers:
+            raise ValueError(f"fusion_text_input: 'shared' reuses text layer i in fusion layer i; expected "
+                             f"fusion_layers <= text_layers, got {self.fusion_layers} > {self.text_layers}")
         if self.vision_pool not in ("cls", "max"):
             raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
         if self.vision_attn_radius is not None and (isinstance(self.vision_attn_radius, bool)

@@ -123,9 +123,10 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--vision-attn-radius", type=int, default=None,
                    help="local self-attention for the ViT's patch tokens: each sees the patches within this many "
                    "patches (default: global attention, timm's ViT)")
-    p.add_argument("--fusion-text-input", choices=("encoder", "embeddings"), default=None,
+    p.add_argument("--fusion-text-input", choices=("encoder", "embeddings", "shared"), default=None,
                    help="what the fusion encoder reads on the text side: the text encoder's output (ALBEF, the "
-                   "default) or the BERT embeddings (the text encoder then feeds ITC only)")
+                   "default), the BERT embeddings (the text encoder then feeds ITC only), or the embeddings "
+                   "through the text layers' own weights with cross-attention inserted (BLIP)")
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
                    help="learning rate of the ITC temperature relative to --lr")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -147,6 +148,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     for term in ("itc", "itm", "softmask", "mlm"):
         p.add_argument(f"--weight-{term}", type=float, default=None, help=f"weight of loss_{term}")
     p.add_argument("--queue-size", type=int, default=None)
+    p.add_argument("--mlm-prob", type=float, default=None,
+                   help="share of the caption tokens masked (BERT's 80/10/10): the MLM targets, and with the text "
+                   "augmentation also the caption view that ITC / ITM read (default 0.15)")
     if finetune:
         p.add_argument("--text-aug", dest="text_aug", action="store_const", const=True, default=None,
                        help="ITC/ITM on the masked-caption view (the text half of the multi-modal augmentation) "

@@ -191,6 +191,7 @@ class TrainConfig:
     vision_registers: Optional[int] = None
     vision_attn_radius: Optional[int] = None
     fusion_text_input: Optional[str] = None
+    mlm_prob: Optional[float] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
     weight_itm: Optional[float] = None
@@ -264,7 +265,7 @@ class TrainConfig:
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
-                       "vision_registers", "vision_attn_radius", "fusion_text_input")
+                       "vision_registers", "vision_attn_radius", "fusion_text_input", "mlm_prob")
 
     def model_config(self, tokenizer):
         over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
