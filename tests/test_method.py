@@ -534,9 +534,15 @@ def test_fusion_text_input_shared_reuses_the_text_layers(tok, batch):
     apart = SoftMaskALBEF(small(tok, fusion_text_input="embeddings")).train()
     _forward(apart, batch)["loss_itm"].backward()  # ... and not the text layers of a separate fusion stack
     assert apart.text_encoder.layer[0].attention.self.query.weight.grad is None
-    sd = model.state_dict()
+    sd = model.state_dict()  # each shared tensor once, under its text-encoder name (safetensors needs that)
+    assert "text_encoder.layer.0.attention.self.query.weight" in sd
+    assert not any(k.startswith("fusion_encoder.layer.0.attention.") or k.startswith("fusion_encoder.layer.1.output.")
+                   for k in sd)
+    assert "fusion_encoder.layer.0.crossattention.self.query.weight" in sd
+    from safetensors.torch import load as st_load, save as st_save
+    sd = st_load(st_save({k: v.contiguous() for k, v in sd.items()}))
     again = SoftMaskALBEF(small(tok, fusion_text_input="shared"))
-    again.load_state_dict(sd)
+    again.load_state_dict(sd)  # strict: the aliases are filled in
     assert again.fusion_encoder.layer[1].attention is again.text_encoder.layer[1].attention
     torch.testing.assert_close(again.fusion_encoder.layer[1].attention.self.query.weight,
                                model.text_encoder.layer[1].attention.self.query.weight)

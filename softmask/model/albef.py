@@ -198,6 +198,9 @@ class SoftMaskALBEF(nn.Module):
         # the positive id of every queue slot (ALBEF's idx_queue); -100: empty, or written without ids
         self.register_buffer("idx_queue", torch.full((cfg.queue_size,), -100, dtype=torch.long))
         self._register_load_state_dict_pre_hook(self._fill_missing_idx_queue)
+        if cfg.fusion_text_input == "shared":  # each shared tensor is saved once, under its text-encoder name
+            self._register_state_dict_hook(SoftMaskALBEF._drop_shared_aliases)
+            self._register_load_state_dict_pre_hook(self._fill_shared_aliases)
         # created last and only when used, so that the other weights' initialization does not depend on it
         self.bow_head = nn.Linear(cfg.vision_width, cfg.vocab_size) if cfg.weight_bow > 0 else None
 
@@ -205,6 +208,25 @@ class SoftMaskALBEF(nn.Module):
         # checkpoints written before the id queue existed: every slot unknown (-100 matches nothing)
         if prefix + "image_queue" in state_dict and prefix + "idx_queue" not in state_dict:
             state_dict[prefix + "idx_queue"] = torch.full_like(self.idx_queue, -100)
+
+    _SHARED_PARTS = ("attention.", "intermediate.", "output.")
+
+    @staticmethod
+    def _drop_shared_aliases(module, state_dict, prefix, local_metadata):
+        # fusion_text_input="shared": fusion layer i's self-attention / feed-forward tensors are text layer i's;
+        # safetensors refuses two names for one tensor, and one copy on disk is all a load needs
+        for key in [k for k in state_dict if k.startswith(prefix + "fusion_encoder.layer.")]:
+            rest = key[len(prefix + "fusion_encoder.layer."):].split(".", 1)[1]
+            if rest.startswith(SoftMaskALBEF._SHARED_PARTS):
+                del state_dict[key]
+        return state_dict
+
+    def _fill_shared_aliases(self, state_dict, prefix, *args, **kwargs):
+        head = prefix + "text_encoder.layer."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            i, rest = key[len(head):].split(".", 1)
+            if int(i) < self.cfg.fusion_layers and rest.startswith(self._SHARED_PARTS):
+                state_dict.setdefault(f"{prefix}fusion_encoder.layer.{i}.{rest}", state_dict[key])
 
     # ------------------------------------------------------------------ parameter groups
 
