@@ -548,3 +548,13 @@ def test_fusion_text_input_shared_reuses_the_text_layers(tok, batch):
                                model.text_encoder.layer[1].attention.self.query.weight)
     with pytest.raises(ValueError, match="expected fusion_layers <= text_layers, got 3 > 2"):
         model_preset("tiny", fusion_text_input="shared", fusion_layers=3)
+
+
+def test_fusion_text_input_refuses_an_albef_checkpoint(tmp_path):
+    from softmask.train.loop import ConfigError, TrainConfig
+
+    f = tmp_path / "ALBEF.pth"
+    f.write_bytes(b"not read")
+    with pytest.raises(ConfigError, match="fusion_text_input = shared: an ALBEF checkpoint .* expected 'encoder'"):
+        TrainConfig(init_checkpoint=str(f), fusion_text_input="shared")
+    assert TrainConfig(init_checkpoint=str(f), fusion_text_input="encoder").fusion_text_input == "encoder"

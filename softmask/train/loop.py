@@ -223,6 +223,11 @@ class TrainConfig:
                               f"{BUILTIN_VIT_RADIUS}; expected preset 'tiny' and vision_attn_radius {BUILTIN_VIT_RADIUS} "
                               f"(--vision-attn-radius {BUILTIN_VIT_RADIUS}; configs/tiny_pretrained_vit.json sets both), "
                               f"got preset {self.preset!r} and vision_attn_radius {self.vision_attn_radius!r}")
+        if (self.init_checkpoint is not None and os.path.isfile(self.init_checkpoint)
+                and self.fusion_text_input not in (None, "encoder")):
+            raise ConfigError("fusion_text_input", self.fusion_text_input,
+                              f"an ALBEF checkpoint ({self.init_checkpoint}) holds fusion layers trained on the text "
+                              f"encoder's output; expected 'encoder' (or leave it out)")
         if self.partial_load and self.init_checkpoint is None:
             raise ConfigError("partial_load", NO_VALUE, "only applies to a checkpoint to start from "
                                                         "(init_checkpoint, --checkpoint)")
