@@ -257,3 +257,32 @@ def test_token_locality_probe_runs_on_a_small_set():
     assert all(0 <= out[f"shape_probe_{k}"] <= 1 for k in ("inside", "outside", "far"))
     with pytest.raises(SystemExit):
         locality_main(["--radius", "1"])  # the weights argument is required
+
+
+def test_shape_probe_features_per_box_and_per_token():
+    """``object_features``: one row per object (the mean of the tokens inside its box) or, ``per_token``, one row per
+    such token with its object's labels; the mean of an object's per-token rows is its per-box row."""
+    from benchmarks.shape_probe import object_features
+    from softmask.data import build_dataset
+    from softmask.model import model_preset
+
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(model_preset("tiny", vocab_size=len(_tok()), vision_depth=1, queue_size=8)).eval()
+    ds = build_dataset("shapes", "test", 64, train=False, size=3, seed=0)
+    Xb, sb, cb = object_features(model, ds, 3)
+    Xt, st, ct = object_features(model, ds, 3, per_token=True)
+    # tokens per object: patch centres (8 px patches) inside the box, at least one
+    centres = [4 + 8 * k for k in range(8)]
+    counts = []
+    for i in range(3):
+        for o in ds[i]["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            n = sum(1 for cy in centres for cx in centres if y0 <= cy <= y1 and x0 <= cx <= x1)
+            counts.append(max(n, 1))
+    assert Xb.shape[0] == len(counts) == len(sb) == len(cb)
+    assert Xt.shape[0] == sum(counts) == len(st) == len(ct) > len(counts)
+    start = 0
+    for j, n in enumerate(counts):
+        assert (st[start:start + n] == sb[j]).all() and (ct[start:start + n] == cb[j]).all()
+        torch.testing.assert_close(Xt[start:start + n].mean(0), Xb[j], atol=1e-5, rtol=1e-5)
+        start += n
