@@ -312,3 +312,43 @@ def test_load_local_pretrained(tok, tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pretrained(model, bert_dir=str(tmp_path / "empty"))
+
+
+def test_text_attn_radius_mask_and_locality():
+    """``text_attn_radius=r``: [CLS] sees every real token, every other token only the tokens within r positions
+    ([CLS] excluded); padding rows keep [CLS] (no empty softmax); eager and SDPA agree on the per-query mask; a
+    word's text-encoder state does not depend on words farther than ``layers * r`` positions away."""
+    from softmask.model import SoftMaskALBEF, model_preset
+    from softmask.model.layers import attention, text_self_attention_mask
+
+    am = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0]])
+    m = text_self_attention_mask(am, 1)
+    assert m.shape == (2, 7, 7) and m.dtype == torch.bool
+    assert m[0, 0].tolist() == [True] * 6 + [False]
+    assert m[0, 3].tolist() == [False, False, True, True, True, False, False]
+    assert m[0, 1].tolist() == [False, True, True, False, False, False, False]
+    assert m[1, 5].tolist() == [True] + [False] * 6  # a padding row with no key in reach keeps [CLS]
+    assert m.any(-1).all()
+    torch.testing.assert_close(text_self_attention_mask(am, None), am.bool())
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, m, impl="eager"), attention(q, k, v, m, impl="sdpa"),
+                               atol=1e-5, rtol=1e-5)
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", vocab_size=64, vision_depth=1, queue_size=8, text_attn_radius=1)
+    model = SoftMaskALBEF(cfg).eval()
+    ids = torch.randint(5, 64, (1, 12))
+    ids[0, 0] = 2
+    mask = torch.ones_like(ids)
+    far = ids.clone()
+    far[0, 9:] = torch.randint(5, 64, (3,))  # more than 2 layers * radius 1 = 2 positions from position 5
+    with torch.no_grad():
+        h1, h2 = model.text_encoder(ids, mask), model.text_encoder(far, mask)
+    torch.testing.assert_close(h1[0, 1:7], h2[0, 1:7])
+    assert not torch.allclose(h1[0, 0], h2[0, 0])  # [CLS] sees everything
+    glob = SoftMaskALBEF(cfg.replace(text_attn_radius=None)).eval()
+    glob.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(glob.text_encoder(ids, mask)[0, 5], glob.text_encoder(far, mask)[0, 5])
+    with pytest.raises(ValueError, match="text_attn_radius: expected None or an int >= 0, got -1"):
+        model_preset("tiny", text_attn_radius=-1)

@@ -62,6 +62,10 @@ class ModelConfig:
     # embeddings, through fusion layers whose self-attention and feed-forward are the text layers' own, with
     # cross-attention inserted: BLIP's image-grounded text encoder; needs fusion_layers <= text_layers; H30)
     fusion_text_input: str = "encoder"
+    # None: BERT's global self-attention. r >= 0: in every text and fusion self-attention, [CLS] attends to all
+    # tokens and every other token only to the tokens within r positions of it ([CLS] excluded), so a word's
+    # state describes its phrase, not the caption (docs/TRAINING_NOTES.md H31); cross-attention is unchanged
+    text_attn_radius: Optional[int] = None
     max_position_embeddings: int = 64
     type_vocab_size: int = 2
     hidden_dropout: float = 0.0
@@ -154,6 +158,10 @@ class ModelConfig:
                                                     or not isinstance(self.vision_attn_radius, int)
                                                     or self.vision_attn_radius < 0):
             raise ValueError(f"vision_attn_radius: expected None or an int >= 0, got {self.vision_attn_radius!r}")
+        if self.text_attn_radius is not None and (isinstance(self.text_attn_radius, bool)
+                                                  or not isinstance(self.text_attn_radius, int)
+                                                  or self.text_attn_radius < 0):
+            raise ValueError(f"text_attn_radius: expected None or an int >= 0, got {self.text_attn_radius!r}")
         if self.vision_registers < 0:
             raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:

@@ -72,7 +72,7 @@ def attention(
 
     Args:
         q: ``[B, H, T, dh]``; k, v: ``[B, H, N, dh]``.
-        key_mask: ``Bool[B, N]``, True where a key takes part (None: all).
+        key_mask: ``Bool[B, N]``, True where a key takes part, or ``Bool[B, T, N]`` per query (None: all).
         dropout_p: dropout on the attention probabilities.
         impl: "auto", "sdpa" or "eager" (see the module docstring).
 
@@ -82,7 +82,8 @@ def attention(
     if impl == "eager":
         scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, H, T, N)
         if key_mask is not None:
-            scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+            m = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+            scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
@@ -94,7 +95,10 @@ def attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p
         )  # (B, T, H, dh)
         return out.transpose(1, 2)
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N) bool
+    if key_mask is None:
+        mask = None
+    else:  # (B, 1, 1, N) or (B, 1, T, N) bool
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -210,6 +214,23 @@ class Layer(nn.Module):
         return hidden, cap
 
 
+def text_self_attention_mask(attention_mask: torch.Tensor, radius: Optional[int]) -> torch.Tensor:
+    """The text self-attention's key mask: ``attention_mask`` ``[B, L]`` as a bool key mask (``radius`` None),
+    or ``Bool[B, L, L]`` in which [CLS] (position 0) attends to every token and every other token only to the
+    tokens within ``radius`` positions of it, [CLS] excluded (``ModelConfig.text_attn_radius``). A query row
+    left with no key (a padding row) keeps [CLS], so that no softmax is empty."""
+    pad = attention_mask.bool()
+    if radius is None:
+        return pad
+    L = pad.shape[1]
+    pos = torch.arange(L, device=pad.device)
+    near = ((pos[:, None] - pos[None, :]).abs() <= radius) & (pos[None, :] > 0)
+    near[0] = True
+    mask = near[None] & pad[:, None, :]  # (B, L, L)
+    mask[:, :, 0] |= ~mask.any(-1)
+    return mask
+
+
 class TextEncoder(nn.Module):
     """BERT embeddings + the first ``text_layers`` BERT layers (self-attention only).
 
@@ -221,12 +242,13 @@ class TextEncoder(nn.Module):
         bcfg = bert_config(cfg)
         self.embeddings = BertEmbeddings(bcfg)
         self.layer = nn.ModuleList(Layer(cfg, bcfg, False, cfg.hidden_size) for _ in range(cfg.text_layers))
+        self.radius = cfg.text_attn_radius
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, return_embeddings: bool = False):
         """``-> hidden [B, L, hidden]``, or ``(hidden, embeddings)`` with ``return_embeddings`` (the embedding
         layer's output, before the first layer)."""
         emb = self.embeddings(input_ids=input_ids)
-        mask = attention_mask.bool()
+        mask = text_self_attention_mask(attention_mask, self.radius)
         hidden = emb
         for layer in self.layer:
             hidden, _ = layer(hidden, mask)
@@ -254,6 +276,7 @@ class FusionEncoder(nn.Module):
         super().__init__()
         bcfg = bert_config(cfg)
         self.layer = nn.ModuleList(Layer(cfg, bcfg, True, cfg.vision_width) for _ in range(cfg.fusion_layers))
+        self.radius = cfg.text_attn_radius
 
     def image_kv(self, image_embeds: torch.Tensor) -> list:
         """Every layer's cross-attention ``(key, value)`` of ``image_embeds [M, N, vision_width]``."""
@@ -265,7 +288,7 @@ class FusionEncoder(nn.Module):
             raise ValueError("fusion encoder: expected exactly one of image_embeds and image_kv")
         if image_index is not None and image_kv is None:
             raise ValueError("fusion encoder: image_index needs image_kv (index image_embeds instead)")
-        mask = attention_mask.bool()
+        mask = text_self_attention_mask(attention_mask, self.radius)
         hidden, captured = text_embeds, None
         for i, layer in enumerate(self.layer):
             hit = capture_layer == i

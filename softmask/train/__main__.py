@@ -42,7 +42,7 @@ __all__ = ["main", "build_parser", "config_from_args", "config_from_argv"]
 PROG = "softmask-pretrain"
 # model settings a fine-tuning run takes from the softmask checkpoint it starts from, unless given
 _FROM_CHECKPOINT = ("preset", "fusion_layers", "vision_stem", "vision_registers", "vision_attn_radius", "queue_size",
-                    "fusion_text_input", "max_len")
+                    "fusion_text_input", "text_attn_radius", "max_len")
 
 # flags whose meaning is the negation of a field: dest -> (field, value when the flag is given, when not)
 _INVERTED = {
@@ -127,6 +127,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    help="what the fusion encoder reads on the text side: the text encoder's output (ALBEF, the "
                    "default), the BERT embeddings (the text encoder then feeds ITC only), or the embeddings "
                    "through the text layers' own weights with cross-attention inserted (BLIP)")
+    p.add_argument("--text-attn-radius", type=int, default=None,
+                   help="local self-attention on the text side: each word sees the words within this many positions "
+                   "([CLS] sees all; default: global attention, BERT's)")
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
                    help="learning rate of the ITC temperature relative to --lr")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -191,6 +191,7 @@ class TrainConfig:
     vision_registers: Optional[int] = None
     vision_attn_radius: Optional[int] = None
     fusion_text_input: Optional[str] = None
+    text_attn_radius: Optional[int] = None
     mlm_prob: Optional[float] = None
     gradcam_layer: Optional[int] = None
     weight_itc: Optional[float] = None
@@ -270,7 +271,7 @@ class TrainConfig:
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
-                       "vision_registers", "vision_attn_radius", "fusion_text_input", "mlm_prob")
+                       "vision_registers", "vision_attn_radius", "fusion_text_input", "text_attn_radius", "mlm_prob")
 
     def model_config(self, tokenizer):
         over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
@@ -681,7 +682,7 @@ def _init_source(cfg: TrainConfig) -> Optional[tuple]:
 
 # ModelConfig fields that shape the weights: a model started from a softmask checkpoint keeps its checkpoint's
 _ARCHITECTURE = ("fusion_layers", "vision_stem", "vision_registers", "vision_attn_radius", "queue_size",
-                 "fusion_text_input")
+                 "fusion_text_input", "text_attn_radius")
 
 
 def _model_from_run(cfg: TrainConfig, ckpt: str, field: str):
