@@ -558,3 +558,18 @@ def test_fusion_text_input_refuses_an_albef_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="fusion_text_input = shared: an ALBEF checkpoint .* expected 'encoder'"):
         TrainConfig(init_checkpoint=str(f), fusion_text_input="shared")
     assert TrainConfig(init_checkpoint=str(f), fusion_text_input="encoder").fusion_text_input == "encoder"
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+                                        if f.endswith(".json")))
+def test_shipped_configs_parse(name):
+    """Every file in configs/ is a valid --config: known settings, valid values, a model config that builds."""
+    from softmask.train.__main__ import config_from_argv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    cfg, sources = config_from_argv(["--config", path])
+    with open(path) as f:
+        given = {k for k in json.load(f) if not k.startswith("_")}
+    assert given and all(sources[k][0] == "file" for k in given)
+    if cfg.preset == "tiny":
+        cfg.model_config(get_tokenizer(None))
