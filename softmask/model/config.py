@@ -154,14 +154,10 @@ class ModelConfig:
                              f"fusion_layers <= text_layers, got {self.fusion_layers} > {self.text_layers}")
         if self.vision_pool not in ("cls", "max"):
             raise ValueError(f"vision_pool: expected 'cls' or 'max', got {self.vision_pool!r}")
-        if self.vision_attn_radius is not None and (isinstance(self.vision_attn_radius, bool)
-                                                    or not isinstance(self.vision_attn_radius, int)
-                                                    or self.vision_attn_radius < 0):
-            raise ValueError(f"vision_attn_radius: expected None or an int >= 0, got {self.vision_attn_radius!r}")
-        if self.text_attn_radius is not None and (isinstance(self.text_attn_radius, bool)
-                                                  or not isinstance(self.text_attn_radius, int)
-                                                  or self.text_attn_radius < 0):
-            raise ValueError(f"text_attn_radius: expected None or an int >= 0, got {self.text_attn_radius!r}")
+        for name in ("vision_attn_radius", "text_attn_radius"):
+            r = getattr(self, name)
+            if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+                raise ValueError(f"{name}: expected None or an int >= 0, got {r!r}")
         if self.vision_registers < 0:
             raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:
