@@ -2,23 +2,25 @@
 
     python -m benchmarks.ablation [--seeds 0 1 2] [--configs full no_softmask ...] [--jobs 2]
     python -m benchmarks.ablation --render          # table and figure from the committed rows only
+    python -m benchmarks.ablation --suite from_scratch   # the earlier default's ablation (random-init ViT)
 
-Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 800 steps of 48 pairs)
-with the config's overrides, evaluates it on the 256 held-out pairs, and appends one row to
-``bench_results/ablation/ablation.json`` (a list of rows with ``config``, ``seed``, ``tr_r1``,
-``tr_r5``, ``ir_r1``, ``ir_r5``, ``itc_tr_r1``, ``itc_ir_r1``, ``pointing_game``,
-``pointing_game_color``, the ITM probe and the wall time). The file is rewritten atomically after
-every finished run and rows already there are skipped, so an interrupted ablation resumes where it
-stopped. ``--jobs 2`` trains two runs at once with one intra-op thread each (on the 2-core machine,
-two one-thread runs finish more steps per second than one two-thread run). The rendered table
-(mean +- std over seeds) goes to ``bench_results/ablation/README.md`` and the figure to
-``bench_results/ablation/ablation.png``.
+Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 800 steps of 48 pairs, the
+shapes recipe: the shipped ViT and local attention on both sides) with the config's overrides, evaluates
+it on the 256 held-out pairs, and appends one row to ``bench_results/ablation/ablation.json`` (a list of
+rows with ``config``, ``seed``, ``tr_r1``, ``tr_r5``, ``ir_r1``, ``ir_r5``, ``itc_tr_r1``, ``itc_ir_r1``,
+``pointing_game``, ``pointing_game_color``, the ITM probe and the wall time). The file is rewritten
+atomically after every finished run and rows already there are skipped, so an interrupted ablation
+resumes where it stopped. ``--jobs 2`` trains two runs at once with one intra-op thread each (on the
+2-core machine, two one-thread runs finish more steps per second than one two-thread run). The rendered
+table (mean +- std over seeds) goes to ``README.md`` and the figure to ``ablation.png`` beside the rows.
 
-Configurations (``CONFIGS``): the full method, with three soft-masked ITM pairs per row (``full``) and
-with one (``full_one_pair``, the default job since 2026-12-01); without soft masks; without focal ITC
-(gamma 0); without multi-modal augmentation (no masked-caption view, no RandAugment); and the ALBEF
-baseline with none of the three. The configurations with soft masks other than ``full_one_pair`` pin
-``softmask_pairs="all"``, the default when their rows were run, so that the command reproduces every row.
+Configurations (``SUITES["recipe"]``, the default job since 2026-12-02): the full method; without soft
+masks; without focal ITC (gamma 0); without multi-modal augmentation (no masked-caption view, no
+RandAugment); and the ALBEF baseline with none of the three. ``SUITES["from_scratch"]`` is the ablation of
+the earlier default job, whose ViT started from random weights (``vit_checkpoint="none"``), rows in
+``bench_results/ablation/from_scratch/``: there ``full`` and the configurations with soft masks other than
+``full_one_pair`` pin ``softmask_pairs="all"``, the default when their rows ran, so that the command
+reproduces every row.
 """
 
 from __future__ import annotations
@@ -32,19 +34,32 @@ import sys
 import tempfile
 import time
 
-# The configurations with soft masks pin softmask_pairs="all" (three soft-masked pairs per row), the default when
-# their rows ran; "full_one_pair" is the default job since 2026-12-01 (one pair per row; docs/TRAINING_NOTES.md H12)
-CONFIGS: dict[str, dict] = {
-    "full": {"softmask_pairs": "all"},
-    "full_one_pair": {"softmask_pairs": "one"},
+# the default job's ablation: the shapes recipe (TrainConfig's defaults) with one part removed at a time
+RECIPE_CONFIGS: dict[str, dict] = {
+    "full": {},
     "no_softmask": {"softmask": False},
-    "no_focal": {"gamma": 0.0, "softmask_pairs": "all"},
-    "no_aug": {"text_aug": False, "image_aug": False, "softmask_pairs": "all"},
+    "no_focal": {"gamma": 0.0},
+    "no_aug": {"text_aug": False, "image_aug": False},
     "albef": {"softmask": False, "gamma": 0.0, "text_aug": False, "image_aug": False},
 }
+# the earlier default job (random-init ViT, global attention). The configurations with soft masks pin
+# softmask_pairs="all" (three soft-masked pairs per row), the default when their rows were run; "full_one_pair" was
+# the default job from 2026-12-01 (one pair per row; docs/TRAINING_NOTES.md H12)
+_SCRATCH = {"vit_checkpoint": "none"}
+FROM_SCRATCH_CONFIGS: dict[str, dict] = {
+    "full": {**_SCRATCH, "softmask_pairs": "all"},
+    "full_one_pair": {**_SCRATCH, "softmask_pairs": "one"},
+    "no_softmask": {**_SCRATCH, "softmask": False},
+    "no_focal": {**_SCRATCH, "gamma": 0.0, "softmask_pairs": "all"},
+    "no_aug": {**_SCRATCH, "text_aug": False, "image_aug": False, "softmask_pairs": "all"},
+    "albef": {**_SCRATCH, "softmask": False, "gamma": 0.0, "text_aug": False, "image_aug": False},
+}
+SUITES = {"recipe": RECIPE_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS}
+CONFIGS = RECIPE_CONFIGS
 METRICS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color")
 PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
 RESULTS = os.path.join("bench_results", "ablation")
+SUITE_RESULTS = {"recipe": RESULTS, "from_scratch": os.path.join(RESULTS, "from_scratch")}
 
 
 def _load(path: str) -> list[dict]:
@@ -62,11 +77,11 @@ def _save(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def run_one(config: str, seed: int, out: str, threads: int, extra: dict) -> dict:
-    """Train and evaluate one (config, seed) in this process; returns the row."""
+def run_one(config: str, seed: int, out: str, threads: int, extra: dict, suite: str = "recipe") -> dict:
+    """Train and evaluate one (config, seed) of ``suite`` in this process; returns the row."""
     from softmask.train.loop import TrainConfig, train
 
-    cfg = TrainConfig(seed=seed, out=out, progress=False, threads=threads, **{**CONFIGS[config], **extra})
+    cfg = TrainConfig(seed=seed, out=out, progress=False, threads=threads, **{**SUITES[suite][config], **extra})
     t0 = time.time()
     summary = train(cfg)
     ev = summary["eval"]
@@ -78,7 +93,8 @@ def run_one(config: str, seed: int, out: str, threads: int, extra: dict) -> dict
 
 
 def _child(args) -> int:
-    row = run_one(args.child_config, args.child_seed, args.child_out, args.threads, json.loads(args.extra))
+    row = run_one(args.child_config, args.child_seed, args.child_out, args.threads, json.loads(args.extra),
+                  args.suite)
     with open(args.child_result, "w") as f:
         json.dump(row, f)
     return 0
@@ -99,7 +115,7 @@ def run(args) -> None:
             out = os.path.join(args.runs, f"{config}-seed{seed}")
             cmd = [sys.executable, "-m", "benchmarks.ablation", "--child-config", config, "--child-seed", str(seed),
                    "--child-out", out, "--child-result", result, "--threads", str(args.threads),
-                   "--extra", args.extra]
+                   "--extra", args.extra, "--suite", args.suite]
             os.makedirs(args.runs, exist_ok=True)
             log = open(out + ".log", "w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), result, f"{config}/{seed}",
@@ -121,7 +137,7 @@ def run(args) -> None:
             _save(path, rows)
             print(f"ablation: {name} done in {time.time() - t0:.0f} s: "
                   + ", ".join(f"{k} {row[k]:.1f}" for k in METRICS), file=sys.stderr)
-    render(args.results)
+    render(args.results, args.suite)
 
 
 def _stats(xs: list[float]) -> tuple[float, float]:
@@ -130,22 +146,24 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def _describe(config: str, rows: list) -> str:
-    """The config's overrides of the default job: its CONFIGS entry plus the overrides its rows ran with."""
+def _describe(config: str, rows: list, configs: dict) -> str:
+    """The config's overrides of the default job: its entry in ``configs`` plus the overrides its rows ran with."""
     extra = {}
     for r in rows:
         extra.update(r.get("overrides", {}))
-    base = CONFIGS.get(config, {})
-    return json.dumps({**base, **extra}) + ("" if config in CONFIGS else " (not one of CONFIGS)")
+    base = configs.get(config, {})
+    return json.dumps({**base, **extra}) + ("" if config in configs else " (not one of the suite's configs)")
 
 
-def render(results: str) -> str:
-    """Markdown table (mean +- std over seeds, the number of seeds) and a bar figure from ablation.json."""
+def render(results: str, suite: str = "recipe") -> str:
+    """Markdown table (mean +- std over seeds, the number of seeds) and a bar figure from ablation.json, the
+    configurations described as overrides of TrainConfig's defaults by ``SUITES[suite]``."""
+    configs = SUITES[suite]
     rows = _load(os.path.join(results, "ablation.json"))
     by = {}
     for r in rows:
         by.setdefault(r["config"], []).append(r)
-    order = [c for c in CONFIGS if c in by] + sorted(c for c in by if c not in CONFIGS)
+    order = [c for c in configs if c in by] + sorted(c for c in by if c not in configs)
     cols = METRICS + PROBE
     lines = ["| config | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for c in order:
@@ -165,7 +183,9 @@ def render(results: str) -> str:
           "Retrieval in % on the 256 held-out pairs (ITM rerank of the ITC top 16; `itc_*`: ITC alone); "
           "pointing game in % (shape words, colour words); ITM probe: mean match probability of held-out "
           "positives and hard negatives, clean and soft-masked. Mean ± sample std over seeds.\n\n"
-          + "\n".join(f"- `{c}`: {_describe(c, by[c])}" for c in order)
+          + f"Suite `{suite}` (`python -m benchmarks.ablation --suite {suite}`); each configuration as overrides of "
+            "the default job (`TrainConfig()`):\n\n"
+          + "\n".join(f"- `{c}`: {_describe(c, by[c], configs)}" for c in order)
           + "\n\n" + table + "\n")
     with open(os.path.join(results, "README.md"), "w") as f:
         f.write(md)
@@ -202,11 +222,14 @@ def _figure(by, order, png):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--suite", choices=list(SUITES), default="recipe",
+                   help="recipe: the default job's ablation; from_scratch: the earlier default's (random-init ViT)")
+    p.add_argument("--configs", nargs="+", default=None, choices=sorted(set().union(*SUITES.values())),
+                   help="default: every configuration of the suite")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per run")
     p.add_argument("--runs", default="runs/ablation", help="run directories")
-    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--results", default=None, help="default: the suite's folder under bench_results/ablation")
     p.add_argument("--extra", default="{}", help="JSON of TrainConfig overrides applied to every config")
     p.add_argument("--render", action="store_true", help="only render the table and figure")
     for name in ("child-config", "child-seed", "child-out", "child-result"):
@@ -214,8 +237,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child_config:
         return _child(args)
+    if args.results is None:
+        args.results = SUITE_RESULTS[args.suite]
+    if args.configs is None:
+        args.configs = list(SUITES[args.suite])
+    bad = [c for c in args.configs if c not in SUITES[args.suite]]
+    if bad:
+        p.error(f"--configs: {', '.join(bad)} not in suite {args.suite!r} (its configs: {', '.join(SUITES[args.suite])})")
     if args.render:
-        print(render(args.results))
+        print(render(args.results, args.suite))
         return 0
     run(args)
     return 0

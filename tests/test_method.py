@@ -573,3 +573,26 @@ def test_shipped_configs_parse(name):
     assert given and all(sources[k][0] == "file" for k in given)
     if cfg.preset == "tiny":
         cfg.model_config(get_tokenizer(None))
+
+
+def test_ablation_suites_train_what_they_name():
+    """The recipe suite ablates the default job (the shapes recipe); the from-scratch suite reproduces the earlier
+    default's rows (random-init ViT, global attention); the full method of each is its suite's default job."""
+    from benchmarks import ablation
+    from softmask.train.loop import TrainConfig
+
+    assert set(ablation.RECIPE_CONFIGS) == {"full", "no_softmask", "no_focal", "no_aug", "albef"}
+    assert ablation.RECIPE_CONFIGS["full"] == {}
+    for name, over in ablation.RECIPE_CONFIGS.items():
+        r = TrainConfig(**over).resolved()
+        assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale) == ("shapes-objects", 1, 0.1), name
+    for name, over in ablation.FROM_SCRATCH_CONFIGS.items():
+        r = TrainConfig(**over).resolved()
+        assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale) == ("none", None, 1.0), name
+    # the parts removed: exactly one per configuration, all three in the baseline
+    parts = {"no_softmask": {"softmask"}, "no_focal": {"gamma"}, "no_aug": {"text_aug", "image_aug"},
+             "albef": {"softmask", "gamma", "text_aug", "image_aug"}}
+    for name, keys in parts.items():
+        assert set(ablation.RECIPE_CONFIGS[name]) == keys
+    with pytest.raises(SystemExit):  # a configuration of another suite is refused, not run under the wrong one
+        ablation.main(["--suite", "recipe", "--configs", "full_one_pair", "--render"])

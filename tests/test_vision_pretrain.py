@@ -121,8 +121,9 @@ def _tok():
 
 
 def test_vit_checkpoint_resolution(tmp_path):
-    assert resolve_vit_checkpoint(TrainConfig()) is None  # the default job: random init
+    assert resolve_vit_checkpoint(TrainConfig()) == builtin_vit_path()  # the default job: the shapes recipe
     assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint="none")) is None
+    assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=None)) is None
     assert resolve_vit_checkpoint(TrainConfig(vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1)) == builtin_vit_path()
     for bad in (dict(), dict(vision_attn_radius=2), dict(vision_attn_radius=1, preset="base")):
         with pytest.raises(Exception, match="vit_checkpoint.*radius 1"):
@@ -133,9 +134,43 @@ def test_vit_checkpoint_resolution(tmp_path):
     TrainConfig(init_checkpoint=str(tmp_path), vit_checkpoint="none")  # no conflict
 
 
+def test_shapes_recipe_resolution(tmp_path):
+    """vit_checkpoint "auto" (the default) is the shapes recipe exactly where the shipped ViT fits: the tiny preset
+    on the shapes data from no checkpoint; settings given keep their value; elsewhere the earlier default."""
+    recipe = dict(vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1, vision_lr_scale=0.1, text_attn_radius=1,
+                  mask_floor=0.5)
+    r = TrainConfig().resolved()
+    assert {k: getattr(r, k) for k in recipe} == recipe
+    assert r.resolved() == r  # idempotent: a run's saved config.json replays the same run
+    assert TrainConfig(**recipe).resolved() == r  # the explicit recipe is the default
+    # settings given are kept, the rest of the recipe still applies
+    r = TrainConfig(text_attn_radius=3, vision_lr_scale=0.5).resolved()
+    assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale, r.vision_attn_radius) == (BUILTIN_VIT, 3, 0.5, 1)
+    # elsewhere: random init, global attention, the ViT at the full lr (the earlier default)
+    earlier = dict(vit_checkpoint=None, vision_attn_radius=None, vision_lr_scale=1.0, text_attn_radius=None,
+                   mask_floor=None)
+    for other in (dict(vit_checkpoint="none"), dict(vit_checkpoint=None), dict(preset="base"),
+                  dict(data=str(tmp_path / "caps.json")), dict(init_checkpoint=str(tmp_path)),
+                  dict(vision_stem="conv"), dict(vision_registers=2), dict(vision_attn_radius=2),
+                  dict(bert_dir=str(tmp_path))):
+        r = TrainConfig(**other).resolved()
+        want = {**earlier, **{k: v for k, v in other.items() if k in earlier}}
+        if other.get("vit_checkpoint") == "none":
+            want["vit_checkpoint"] = "none"
+        assert {k: getattr(r, k) for k in earlier} == want, other
+        assert not TrainConfig(**other).recipe_applies(), other
+    # an explicit ViT file: its own settings, the full lr unless given
+    r = TrainConfig(vit_checkpoint="x.safetensors").resolved()
+    assert (r.vit_checkpoint, r.vision_lr_scale, r.text_attn_radius) == ("x.safetensors", 1.0, None)
+    # the model built from the default has local attention on both sides
+    mcfg = TrainConfig().model_config(_tok())
+    assert (mcfg.vision_attn_radius, mcfg.text_attn_radius) == (1, 1)
+    assert TrainConfig(vit_checkpoint="none").model_config(_tok()).text_attn_radius is None
+
+
 def test_default_job_starts_from_the_shipped_vit_only_when_asked():
     tok = _tok()
-    for v, want in ((None, False), (BUILTIN_VIT, True)):
+    for v, want in (("none", False), ("auto", True), (BUILTIN_VIT, True)):
         cfg = TrainConfig(vit_checkpoint=v, vision_attn_radius=1)
         model = build_model(cfg, tok)
         shipped = load_file(builtin_vit_path())

@@ -119,17 +119,20 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, cosine with warm-up)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--vision-lr-scale", type=float, default=d.vision_lr_scale,
-                   help="the ViT's learning rate relative to --lr (0: the ViT stays frozen)")
+                   help="the ViT's learning rate relative to --lr (0: the ViT stays frozen; default: "
+                   + ("1)" if finetune else "0.1 with the shapes recipe of --vit-checkpoint auto, else 1)"))
     p.add_argument("--vision-attn-radius", type=int, default=None,
                    help="local self-attention for the ViT's patch tokens: each sees the patches within this many "
-                   "patches (default: global attention, timm's ViT)")
+                   "patches (default: " + ("the checkpoint's" if finetune else "1 with the shapes recipe of "
+                                           "--vit-checkpoint auto, else global attention, timm's ViT") + ")")
     p.add_argument("--fusion-text-input", choices=("encoder", "embeddings", "shared"), default=None,
                    help="what the fusion encoder reads on the text side: the text encoder's output (ALBEF, the "
                    "default), the BERT embeddings (the text encoder then feeds ITC only), or the embeddings "
                    "through the text layers' own weights with cross-attention inserted (BLIP)")
     p.add_argument("--text-attn-radius", type=int, default=None,
                    help="local self-attention on the text side: each word sees the words within this many positions "
-                   "([CLS] sees all; default: global attention, BERT's)")
+                   "([CLS] sees all; default: " + ("the checkpoint's" if finetune else "1 with the shapes recipe "
+                                                   "of --vit-checkpoint auto, else global attention, BERT's") + ")")
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
                    help="learning rate of the ITC temperature relative to --lr")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -172,9 +175,11 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    "OpenMP stalls)")
     if not finetune:
         p.add_argument("--vit-checkpoint", default=d.vit_checkpoint,
-                       help="the ViT's initial weights: a local timm ViT file, or 'shapes-objects' (the shipped tiny "
-                       "ViT, pretrained on labelled single-object images by softmask-vision-pretrain; default: "
-                       "random init)")
+                       help="the ViT's initial weights: a local timm ViT file, 'shapes-objects' (the shipped tiny "
+                       "ViT, pretrained on labelled single-object images by softmask-vision-pretrain), 'none' (random "
+                       "init) or 'auto' (the default): on the shapes data with the tiny preset, the shapes recipe "
+                       "(the shipped ViT at a tenth of the lr, local attention of radius 1 on both sides; settings "
+                       "given keep their value), elsewhere random init")
         p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--pointing-every", type=int, default=d.pointing_every,
                    help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "

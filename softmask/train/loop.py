@@ -77,6 +77,14 @@ __all__ = ["TrainConfig", "train", "NonFiniteLossError", "ConfigError", "build_m
            "load_config_file", "config_differences", "check_device", "RUNTIME_FIELDS", "TASKS", "TASK_DEFAULTS",
            "PROGS", "task_config"]
 
+#: ``TrainConfig.vit_checkpoint`` default: the shapes recipe where it applies (:meth:`TrainConfig.resolved`)
+AUTO = "auto"
+RECIPE_VISION_LR_SCALE = 0.1  # the shapes recipe's ViT lr relative to lr (docs/TRAINING_NOTES.md H20)
+RECIPE_TEXT_ATTN_RADIUS = 1  # the shapes recipe's local text self-attention (docs/TRAINING_NOTES.md H31)
+# the shapes recipe's soft mask at the word's most tied patch: half its contrast kept, not all of it removed
+# (docs/TRAINING_NOTES.md H32: 0.5 against 0 raised pointing and ITM in both seeds tried)
+RECIPE_MASK_FLOOR = 0.5
+
 LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm", "loss_bow")
 TASKS = ("pretrain", "retrieval")
 PROGS = {"pretrain": "softmask-pretrain", "retrieval": "softmask-finetune"}  # the command of each task
@@ -126,8 +134,9 @@ class TrainConfig:
     config file, ``softmask-pretrain --config FILE``, can set any of them: :func:`load_config_file`).
 
     The defaults are the project's main job: ``tiny`` on 16,384 synthetic shapes pairs, 800
-    steps of 48 pairs (about 5.5 minutes of training on an idle 2-core CPU), then evaluation on
-    the 256 held-out pairs. Model fields left at None keep the preset's value. ``epochs``, when
+    steps of 48 pairs, then evaluation on the 256 held-out pairs, started from the shipped tiny ViT
+    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; about 5.5 minutes
+    in all on an idle 2-core CPU). Model fields left at None keep the preset's value. ``epochs``, when
     set, replaces ``steps``: the run takes ``epochs`` passes over the training set. Every field is
     checked on construction (type and range); a bad one raises :class:`ConfigError` naming it.
     """
@@ -152,7 +161,9 @@ class TrainConfig:
     warmup_steps: int = 60
     grad_clip: float = 5.0
     temp_lr_scale: float = 0.1  # the temperature's learning rate relative to lr (see _param_groups)
-    vision_lr_scale: float = 1.0  # the online ViT's learning rate relative to lr (0: frozen)
+    # the online ViT's learning rate relative to lr (0: frozen); None: 0.1 with the shapes recipe (a pretrained
+    # ViT fine-tuned at a tenth of the lr, docs/TRAINING_NOTES.md H20), else 1.0
+    vision_lr_scale: Optional[float] = None
     seed: int = 0
     out: str = "runs/softmask-tiny"
     impl: str = "fused"  # "fused": default op backends + SDPA; "reference": backend="reference" + eager attention
@@ -167,8 +178,9 @@ class TrainConfig:
     test_size: Optional[int] = None
     alpha_ramp_steps: Optional[int] = None  # None: 20 % of the steps
     # the ViT's initial weights: a local timm ViT file, "shapes-objects" (the shipped tiny ViT pretrained on
-    # labelled single-object images, softmask.train.vision_pretrain), or None / "none" (random init)
-    vit_checkpoint: Optional[str] = None
+    # labelled single-object images, softmask.train.vision_pretrain), None / "none" (random init), or "auto":
+    # the shapes recipe where it applies, else random init (see resolved())
+    vit_checkpoint: Optional[str] = AUTO
     bert_dir: Optional[str] = None
     # the weights training starts from: a softmask run or checkpoint directory (its model settings and tokenizer
     # are used; the objective's settings given here replace its own), or an ALBEF checkpoint file
@@ -214,7 +226,7 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         if self.task not in TASKS:
             raise ConfigError("task", self.task, f"expected one of {', '.join(repr(t) for t in TASKS)}")
-        if self.init_checkpoint is not None and (self.vit_checkpoint not in (None, "none") or self.bert_dir):
+        if self.init_checkpoint is not None and (self.vit_checkpoint not in (None, "none", AUTO) or self.bert_dir):
             raise ConfigError("init_checkpoint", self.init_checkpoint, "expected either a checkpoint to start from "
                                                                        "or ViT / BERT weights (vit_checkpoint, "
                                                                        "bert_dir), not both")
@@ -257,7 +269,7 @@ class TrainConfig:
             raise ConfigError("lr", self.lr, "expected a finite number > 0")
         for name in ("weight_decay", "grad_clip", "temp_lr_scale", "vision_lr_scale"):
             v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
+            if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise ConfigError(name, v, "expected a finite number >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", self.min_lr_ratio, "expected a number in [0, 1]")
@@ -273,11 +285,44 @@ class TrainConfig:
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
                        "vision_registers", "vision_attn_radius", "fusion_text_input", "text_attn_radius", "mlm_prob")
 
+    def recipe_applies(self) -> bool:
+        """Whether ``vit_checkpoint="auto"`` means the shapes recipe: the ``tiny`` preset on the shapes data,
+        started from no checkpoint, with the shipped ViT's architecture (patch stem, no registers, local
+        attention of radius 1 or unset) and no BERT weights."""
+        return (self.vit_checkpoint == AUTO and self.preset == "tiny" and self.data == "shapes"
+                and self.init_checkpoint is None and self.bert_dir is None
+                and self.vision_stem in (None, "patch") and self.vision_registers in (None, 0)
+                and self.vision_attn_radius in (None, BUILTIN_VIT_RADIUS))
+
+    def resolved(self) -> "TrainConfig":
+        """This config with its automatic settings made concrete (a run saves and replays this one).
+
+        ``vit_checkpoint="auto"`` (the default) is the *shapes recipe* where :meth:`recipe_applies`: the shipped
+        tiny ViT (``"shapes-objects"``) with its local attention of radius 1 (``vision_attn_radius``), trained
+        at a tenth of the lr (``vision_lr_scale`` 0.1), local text self-attention of radius 1
+        (``text_attn_radius``) and soft masks that keep half the contrast of the word's most tied patch
+        (``mask_floor`` 0.5); settings given explicitly are kept. Measured in the README ("Pretraining") and
+        docs/TRAINING_NOTES.md (H18-H22, H31, H32). Elsewhere (another
+        preset or data set, a checkpoint to start from, another ViT architecture) ``"auto"`` is a random init,
+        the earlier default; ``vit_checkpoint="none"`` asks for that on the shapes data too. ``vision_lr_scale``
+        None is 0.1 with the recipe, else 1.0."""
+        if self.vit_checkpoint == AUTO and self.recipe_applies():
+            return dataclasses.replace(
+                self, vit_checkpoint=BUILTIN_VIT, vision_attn_radius=BUILTIN_VIT_RADIUS,
+                vision_lr_scale=RECIPE_VISION_LR_SCALE if self.vision_lr_scale is None else self.vision_lr_scale,
+                text_attn_radius=RECIPE_TEXT_ATTN_RADIUS if self.text_attn_radius is None else self.text_attn_radius,
+                mask_floor=RECIPE_MASK_FLOOR if self.mask_floor is None else self.mask_floor)
+        if self.vit_checkpoint == AUTO or self.vision_lr_scale is None:
+            return dataclasses.replace(self, vit_checkpoint=None if self.vit_checkpoint == AUTO else self.vit_checkpoint,
+                                       vision_lr_scale=1.0 if self.vision_lr_scale is None else self.vision_lr_scale)
+        return self
+
     def model_config(self, tokenizer):
-        over = {k: getattr(self, k) for k in self.MODEL_OVERRIDES if getattr(self, k) is not None}
-        reference = self.impl == "reference"
+        cfg = self.resolved()
+        over = {k: getattr(cfg, k) for k in cfg.MODEL_OVERRIDES if getattr(cfg, k) is not None}
+        reference = cfg.impl == "reference"
         return model_preset(
-            self.preset,
+            cfg.preset,
             vocab_size=len(tokenizer),
             pad_token_id=int(tokenizer.pad_token_id),
             attn_impl="eager" if reference else "auto",
@@ -430,6 +475,7 @@ def check_device(spec: Optional[str], field: str = "device") -> torch.device:
 def build_model(cfg: TrainConfig, tokenizer, mcfg: Optional[ModelConfig] = None) -> SoftMaskALBEF:
     """The model of ``cfg`` (``mcfg``: its settings, default ``cfg.model_config(tokenizer)``), initialized
     from ``cfg.seed`` and, when given, the ViT / BERT weights (``vit_checkpoint``, ``bert_dir``)."""
+    cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)
     model = SoftMaskALBEF(mcfg if mcfg is not None else cfg.model_config(tokenizer))
     vit = resolve_vit_checkpoint(cfg)
@@ -441,8 +487,8 @@ def build_model(cfg: TrainConfig, tokenizer, mcfg: Optional[ModelConfig] = None)
 def resolve_vit_checkpoint(cfg: TrainConfig) -> Optional[str]:
     """The ViT weights file ``cfg`` starts from, or None (random init): ``vit_checkpoint`` itself, the
     shipped file for ``"shapes-objects"`` (:data:`softmask.train.vision_pretrain.BUILTIN_VIT`), None for
-    None or ``"none"``."""
-    v = cfg.vit_checkpoint
+    None or ``"none"``; ``"auto"`` as :meth:`TrainConfig.resolved` makes it."""
+    v = cfg.resolved().vit_checkpoint
     if v is None or v == "none":
         return None
     return builtin_vit_path() if v == BUILTIN_VIT else v
@@ -769,6 +815,7 @@ def train(cfg: TrainConfig) -> dict:
     missing, refused, truncated or does not fit the model."""
     from softmask.data import candidate_word_mask, Collator, mask_tokens
 
+    cfg = cfg.resolved()  # "auto" settings made concrete: config.json records (and replays) what ran
     prog = PROGS[cfg.task]
     t_start = time.time()
     device = _setup_distributed(cfg.device)
