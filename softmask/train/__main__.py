@@ -149,7 +149,10 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--softmask-pairs", choices=("all", "one"), default=None,
                    help="soft-masked ITM pairs per row: 'all' = its positive and both hard negatives (3B fusion "
                    "passes), 'one' = one of the three, a third of the rows each (B passes, the same 1 : 2 ratio)")
-    p.add_argument("--mask-floor", type=float, default=None, help="soft-mask value on the most word-related patch")
+    p.add_argument("--mask-floor", type=float, default=None,
+                   help="soft-mask value on the most word-related patch, in [0, 1] (default: " + (
+                       "the checkpoint's" if finetune else "0.5 with the shapes recipe of --vit-checkpoint auto, "
+                       "else 0: the patch removed") + ")")
     p.add_argument("--gradcam-layer", type=int, default=None, help="fusion layer (0-based) of the Grad-CAM")
     for term in ("itc", "itm", "softmask", "mlm"):
         p.add_argument(f"--weight-{term}", type=float, default=None, help=f"weight of loss_{term}")
@@ -178,8 +181,8 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                        help="the ViT's initial weights: a local timm ViT file, 'shapes-objects' (the shipped tiny "
                        "ViT, pretrained on labelled single-object images by softmask-vision-pretrain), 'none' (random "
                        "init) or 'auto' (the default): on the shapes data with the tiny preset, the shapes recipe "
-                       "(the shipped ViT at a tenth of the lr, local attention of radius 1 on both sides; settings "
-                       "given keep their value), elsewhere random init")
+                       "(the shipped ViT at a tenth of the lr, local attention of radius 1 on both sides, soft masks with "
+                       "--mask-floor 0.5; settings given keep their value), elsewhere random init")
         p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--pointing-every", type=int, default=d.pointing_every,
                    help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "

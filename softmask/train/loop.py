@@ -102,6 +102,8 @@ TASK_DEFAULTS = {
         "weight_mlm": 0.0,  # no MLM in fine-tuning (ALBEF's Retrieval.py); the masked-token labels are skipped
         "text_aug": False,  # ITC / ITM on the clean caption, as ALBEF fine-tunes
         "use_ids": True,
+        # the weights come from --checkpoint (a model, not a ViT); without one, everything starts from random init
+        "vit_checkpoint": None,
         "pointing_every": 0,
         "save_every": 100,
         "out": "runs/finetune-tiny",

@@ -20,8 +20,8 @@ The output is a ``.safetensors`` file of the ViT's state (timm keys, no head) th
 ``softmask-pretrain --vit-checkpoint FILE`` loads, with a ``.json`` report beside it (settings,
 held-out accuracies, seconds). The package ships the result of the default command for the
 ``tiny`` preset (:data:`BUILTIN_VIT`): ``softmask-pretrain --vit-checkpoint shapes-objects
---vision-attn-radius 1`` (or ``--config configs/tiny_pretrained_vit.json``) starts from it; the
-default job trains its ViT from scratch.
+--vision-attn-radius 1`` starts from it, and so does the default job (``vit_checkpoint="auto"``, the
+shapes recipe: :meth:`softmask.train.loop.TrainConfig.resolved`).
 """
 
 from __future__ import annotations
