@@ -162,6 +162,11 @@ def test_shapes_recipe_resolution(tmp_path):
     # an explicit ViT file: its own settings, the full lr unless given
     r = TrainConfig(vit_checkpoint="x.safetensors").resolved()
     assert (r.vit_checkpoint, r.vision_lr_scale, r.text_attn_radius) == ("x.safetensors", 1.0, None)
+    # fine-tuning starts from its --checkpoint, or else from random weights, never from the recipe's ViT
+    from softmask.train.loop import task_config
+
+    assert task_config("retrieval").resolved().vit_checkpoint is None
+    assert task_config("retrieval", init_checkpoint=str(tmp_path)).resolved().vit_checkpoint is None
     # the model built from the default has local attention on both sides
     mcfg = TrainConfig().model_config(_tok())
     assert (mcfg.vision_attn_radius, mcfg.text_attn_radius) == (1, 1)
