@@ -137,8 +137,8 @@ class TrainConfig:
 
     The defaults are the project's main job: ``tiny`` on 16,384 synthetic shapes pairs, 800
     steps of 48 pairs, then evaluation on the 256 held-out pairs, started from the shipped tiny ViT
-    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; about 5.5 minutes
-    in all on an idle 2-core CPU). Model fields left at None keep the preset's value. ``epochs``, when
+    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; 321 s in all,
+    evaluation included, on an idle 2-core CPU). Model fields left at None keep the preset's value. ``epochs``, when
     set, replaces ``steps``: the run takes ``epochs`` passes over the training set. Every field is
     checked on construction (type and range); a bad one raises :class:`ConfigError` naming it.
     """
