@@ -228,7 +228,8 @@ def main(argv=None) -> int:
                    help="default: every configuration of the suite")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per run")
-    p.add_argument("--runs", default="runs/ablation", help="run directories")
+    p.add_argument("--runs", default=None, help="run directories (default: runs/ablation, or "
+                   "runs/ablation_from_scratch for that suite)")
     p.add_argument("--results", default=None, help="default: the suite's folder under bench_results/ablation")
     p.add_argument("--extra", default="{}", help="JSON of TrainConfig overrides applied to every config")
     p.add_argument("--render", action="store_true", help="only render the table and figure")
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
         return _child(args)
     if args.results is None:
         args.results = SUITE_RESULTS[args.suite]
+    if args.runs is None:
+        args.runs = "runs/ablation" if args.suite == "recipe" else f"runs/ablation_{args.suite}"
     if args.configs is None:
         args.configs = list(SUITES[args.suite])
     bad = [c for c in args.configs if c not in SUITES[args.suite]]
