@@ -55,7 +55,6 @@ FROM_SCRATCH_CONFIGS: dict[str, dict] = {
     "albef": {**_SCRATCH, "softmask": False, "gamma": 0.0, "text_aug": False, "image_aug": False},
 }
 SUITES = {"recipe": RECIPE_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS}
-CONFIGS = RECIPE_CONFIGS
 METRICS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color")
 PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
 RESULTS = os.path.join("bench_results", "ablation")

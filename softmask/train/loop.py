@@ -308,7 +308,7 @@ class TrainConfig:
         preset or data set, a checkpoint to start from, another ViT architecture) ``"auto"`` is a random init,
         the earlier default; ``vit_checkpoint="none"`` asks for that on the shapes data too. ``vision_lr_scale``
         None is 0.1 with the recipe, else 1.0."""
-        if self.vit_checkpoint == AUTO and self.recipe_applies():
+        if self.recipe_applies():
             return dataclasses.replace(
                 self, vit_checkpoint=BUILTIN_VIT, vision_attn_radius=BUILTIN_VIT_RADIUS,
                 vision_lr_scale=RECIPE_VISION_LR_SCALE if self.vision_lr_scale is None else self.vision_lr_scale,
