@@ -425,6 +425,23 @@ def test_candidate_word_mask(tok):
     assert not m[1, toks.index("[MASK]")] and m[1, toks.index("square")]
 
 
+def test_candidate_word_mask_content_words(tok):
+    """``words="content"`` drops function words and punctuation (and, as always, special tokens); a row with
+    no content word keeps its "all" candidates; an unknown policy is refused by name."""
+    enc = tok(["there is a red circle, left of a blue square", "a picture of an orange [MASK]", "a [MASK] of a"],
+              padding="max_length", max_length=14, return_tensors="pt")
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    every = candidate_word_mask(ids, att, tok)
+    content = candidate_word_mask(ids, att, tok, words="content")
+    picked = [[t for t, k in zip(tok.convert_ids_to_tokens(ids[r].tolist()), content[r]) if k] for r in range(3)]
+    assert picked[0] == ["red", "circle", "left", "blue", "square"]
+    assert picked[1] == ["picture", "orange"]
+    assert torch.equal(content[2], every[2]) and content[2].sum() == 3  # no content word: "a", "of", "a"
+    assert not (content & ~every).any()
+    with pytest.raises(ValueError, match="words: expected one of .*got 'nouns'"):
+        candidate_word_mask(ids, att, tok, words="nouns")
+
+
 def test_dataloader_with_workers(json_set, tok):
     path, root = json_set
     ds = build_dataset(str(path), "test", 32, train=False, image_root=str(root))

@@ -472,6 +472,45 @@ def test_softmask_pairs_flag_and_setting():
         model_preset("tiny", softmask_pairs="two")
 
 
+def test_softmask_words_flag_and_setting():
+    """``--softmask-words`` reaches the model config (default "all"); a bad value is refused with its name."""
+    from softmask.train.__main__ import config_from_argv
+    from softmask.train.loop import TrainConfig
+
+    cfg, sources = config_from_argv(["--softmask-words", "content"])
+    assert cfg.softmask_words == "content" and sources["softmask_words"] == ("flag", "--softmask-words")
+    tok = get_tokenizer(None)
+    assert cfg.model_config(tok).softmask_words == "content"
+    assert TrainConfig().model_config(tok).softmask_words == "all" == model_preset("tiny").softmask_words
+    with pytest.raises(SystemExit) as e:
+        config_from_argv(["--softmask-words", "nouns"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="softmask_words: expected 'all' or 'content', got 'nouns'"):
+        model_preset("tiny", softmask_words="nouns")
+
+
+def test_softmask_words_reach_training_and_the_probe(tmp_path, monkeypatch):
+    """The training loop and the evaluation's soft masks (probe, pictures) draw the word from the model's
+    ``softmask_words`` candidates."""
+    import softmask.data
+    from softmask.train.loop import TrainConfig, train
+
+    seen = []
+    real = softmask.data.candidate_word_mask
+
+    def spy(input_ids, attention_mask, tokenizer, words="all"):
+        seen.append(words)
+        return real(input_ids, attention_mask, tokenizer, words=words)
+
+    monkeypatch.setattr(softmask.data, "candidate_word_mask", spy)
+    torch.set_num_threads(1)
+    train(TrainConfig(steps=2, out=str(tmp_path / "run"), batch_size=4, train_size=16, test_size=8, log_every=1,
+                      save_every=2, progress=False, warmup_steps=1, queue_size=8, pointing_every=0,
+                      softmask_words="content"))
+    assert seen.count("content") >= 3  # two training steps and the probe
+    assert "all" not in seen[:2]
+
+
 def test_fusion_text_input_embeddings(tok, batch):
     """``fusion_text_input="embeddings"``: the fusion encoder reads the BERT embedding output (its words do not
     depend on the text layers), ITC still reads the text encoder's [CLS]; the flag reaches the model config and a

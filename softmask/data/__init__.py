@@ -46,6 +46,8 @@ __all__ = [
     "Collator",
     "word_positions",
     "candidate_word_mask",
+    "FUNCTION_WORDS",
+    "SOFTMASK_WORDS",
 ]
 
 
@@ -198,11 +200,30 @@ def word_positions(input_ids: torch.Tensor, tokenizer, words):
     return [_positions_one(row, tokenizer, ws, special) for row, ws in zip(input_ids.tolist(), words)]
 
 
-def candidate_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer) -> torch.Tensor:
+# English function words (articles, determiners, pronouns, prepositions, conjunctions, auxiliaries and a few
+# adverbs): with ``words="content"`` they are never the soft-mask word. Their Grad-CAM names no region, so the
+# soft mask they give dims whatever the layer happened to attend to rather than what a word names.
+FUNCTION_WORDS = frozenset(
+    """a an the this that these those there here it its they them their he him his she her we us our you your i me
+    my what which who whom whose some any each every all both either neither no not one
+    of in on at to for from with without by as into onto upon over under above below beneath behind beside besides
+    between among near next around through across along against toward towards about after before during off out
+    up down than like via
+    and or but nor so yet if then while because although though whereas
+    is are was were be been being am has have had do does did will would shall should can could may might must
+    also just very too only still even""".split()
+)
+SOFTMASK_WORDS = ("all", "content")  # the values of ``candidate_word_mask(words=...)`` and ``softmask_words``
+
+
+def candidate_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer,
+                        words: str = "all") -> torch.Tensor:
     """BoolTensor[B, L]: True where a token may be chosen as the soft-mask word.
 
-    False at [CLS], [SEP], [PAD], [MASK] and wherever ``attention_mask`` is 0. A row
-    can be all False (an empty caption): callers must handle it.
+    ``words="all"``: every token but [CLS], [SEP], [PAD], [MASK] and wherever ``attention_mask`` is 0.
+    ``words="content"``: of those, only tokens that are not a :data:`FUNCTION_WORDS` entry (case-insensitive;
+    a ``##`` word piece is judged by its text) and hold a letter or digit (no punctuation); a row without any
+    such token keeps its ``"all"`` candidates. A row can be all False (an empty caption): callers must handle it.
     """
     if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
         raise TypeError("input_ids, attention_mask: expected torch.Tensors")
@@ -211,6 +232,15 @@ def candidate_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, t
             f"input_ids, attention_mask: expected equal shapes [B, L], got {tuple(input_ids.shape)} "
             f"and {tuple(attention_mask.shape)}"
         )
+    if words not in SOFTMASK_WORDS:
+        raise ValueError(f"words: expected one of {SOFTMASK_WORDS}, got {words!r}")
     excluded = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id]
     excluded = torch.tensor([int(i) for i in excluded if i is not None], dtype=input_ids.dtype, device=input_ids.device)
-    return (attention_mask != 0) & ~torch.isin(input_ids, excluded)
+    cand = (attention_mask != 0) & ~torch.isin(input_ids, excluded)
+    if words == "all":
+        return cand
+    uniq = torch.unique(input_ids[cand]).tolist()
+    function = [i for i, t in zip(uniq, tokenizer.convert_ids_to_tokens(uniq))
+                if t.removeprefix("##").lower() in FUNCTION_WORDS or not any(ch.isalnum() for ch in t)]
+    content = cand & ~torch.isin(input_ids, torch.tensor(function, dtype=input_ids.dtype, device=input_ids.device))
+    return torch.where(content.any(1, keepdim=True), content, cand)

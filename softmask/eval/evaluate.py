@@ -309,13 +309,14 @@ def _itm_match_prob(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text
 
 def soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, *, seed: int = 0, batch_size: int = 128,
                        device="cpu"):
-    """Every image soft-masked as in training: one random caption word of its own caption (drawn with a
+    """Every image soft-masked as in training: one random caption word of its own caption (of the model's
+    ``softmask_words`` candidates, drawn with a
     generator seeded by ``seed``), the Grad-CAM of that word for the positive pair's ITM match logit,
     :func:`softmask.text_driven_soft_mask` with the model's floor. Returns ``(masked [n, N, Dv],
     masks [n, N], word_index [n])``."""
     from softmask.data import candidate_word_mask
 
-    cand = candidate_word_mask(txt_ids, txt_masks, tokenizer) & txt_masks.bool()
+    cand = candidate_word_mask(txt_ids, txt_masks, tokenizer, words=model.cfg.softmask_words) & txt_masks.bool()
     cand[:, 1] |= ~cand.any(1)
     gen = torch.Generator().manual_seed(seed)
     words = torch.multinomial(cand.float(), 1, generator=gen).squeeze(1)  # (n,)

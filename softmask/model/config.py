@@ -103,6 +103,9 @@ class ModelConfig:
     # hard negatives), a third of the rows each: B fusion passes, the same 1 : 2 label ratio; "all" = all three
     # (3B passes). Same metrics over 3 seeds, a 7-11 % shorter step (docs/TRAINING_NOTES.md, H12)
     softmask_pairs: str = "one"
+    # which caption tokens may be the soft-mask word: "all" (every non-special token) or "content" (not a function
+    # word such as "a", "there" or "of", nor punctuation: softmask.data.candidate_word_mask)
+    softmask_words: str = "all"
     gradcam_layer: int = 0  # index into the fusion layers (0-based); never the last one
     text_aug: bool = True  # ITC/ITM see the masked-caption view; MLM shares the positive ITM fusion pass
     exclude_same_caption_negatives: bool = True  # never sample a hard negative whose caption equals the positive's
@@ -134,6 +137,8 @@ class ModelConfig:
             raise ValueError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         if not (0.0 <= self.momentum <= 1.0):
             raise ValueError(f"momentum: expected a value in [0, 1], got {self.momentum}")
+        if self.softmask_words not in ("all", "content"):
+            raise ValueError(f"softmask_words: expected 'all' or 'content', got {self.softmask_words!r}")
         if self.softmask_pairs not in ("all", "one"):
             raise ValueError(f"softmask_pairs: expected 'all' or 'one', got {self.softmask_pairs!r}")
         if self.vision_stem not in ("patch", "conv", "cnn"):

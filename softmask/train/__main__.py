@@ -149,6 +149,10 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--softmask-pairs", choices=("all", "one"), default=None,
                    help="soft-masked ITM pairs per row: 'all' = its positive and both hard negatives (3B fusion "
                    "passes), 'one' = one of the three, a third of the rows each (B passes, the same 1 : 2 ratio)")
+    p.add_argument("--softmask-words", choices=("all", "content"), default=None,
+                   help="which caption tokens may be the soft-mask word: 'all' non-special tokens, or 'content' "
+                   "ones (no function word such as 'a', 'there' or 'of', no punctuation) (default: " + (
+                       "the checkpoint's" if finetune else "all") + ")")
     p.add_argument("--mask-floor", type=float, default=None,
                    help="soft-mask value on the most word-related patch, in [0, 1] (default: " + (
                        "the checkpoint's" if finetune else "0.5 with the shapes recipe of --vit-checkpoint auto, "

@@ -199,6 +199,7 @@ class TrainConfig:
     mask_floor: Optional[float] = None
     softmask_negatives: Optional[bool] = None
     softmask_pairs: Optional[str] = None
+    softmask_words: Optional[str] = None
     fusion_layers: Optional[int] = None
     momentum: Optional[float] = None
     vision_stem: Optional[str] = None
@@ -283,7 +284,8 @@ class TrainConfig:
             name = m.group(1) if m and m.group(1) in over else "preset"
             raise ConfigError(name, over.get(name, self.preset), m.group(2) if m and name in over else str(e)) from None
 
-    MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs", "gradcam_layer", "weight_itc", "weight_itm",
+    MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs",
+                       "softmask_words", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
                        "vision_registers", "vision_attn_radius", "fusion_text_input", "text_attn_radius", "mlm_prob")
 
@@ -967,7 +969,7 @@ def train(cfg: TrainConfig) -> dict:
         if mcfg.weight_mlm == 0:  # no MLM (fine-tuning): no token is predicted; the masked view stays for text_aug
             mlm_labels = torch.full_like(mlm_labels, -100)
         view_ids = mlm_ids if mcfg.text_aug else batch["input_ids"]
-        cand = candidate_word_mask(view_ids, batch["attention_mask"], tokenizer)
+        cand = candidate_word_mask(view_ids, batch["attention_mask"], tokenizer, words=mcfg.softmask_words)
         alpha = mcfg.alpha * min(1.0, step / ramp)
         image = batch["image"].to(device, non_blocking=True)
         with autocast:
