@@ -155,6 +155,37 @@ def test_softmask_negatives_pair_dimmed_images_with_wrong_captions(tok, batch, m
     assert torch.equal(masked[:, 0], i_pos[:, 0])
 
 
+@pytest.mark.parametrize("itm_text_aug", [True, False])
+def test_itm_text_aug_chooses_the_caption_itm_reads(tok, batch, monkeypatch, itm_text_aug):
+    """With ``text_aug``, ITM and the soft-masked pairs read the masked caption (``itm_text_aug``, the default;
+    MLM shares the positive pass) or the clean one (then MLM has its own fusion pass over the masked caption)."""
+    torch.manual_seed(0)
+    model = SoftMaskALBEF(small(tok, itm_text_aug=itm_text_aug))
+    with torch.no_grad():
+        clean, _ = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        masked, _ = model.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
+    assert not torch.allclose(clean, masked)
+    calls = _spy_fusion_pairs(model, monkeypatch)
+    fusion_texts, real_fusion = [], model.fusion_encoder.forward
+
+    def fusion_spy(text_embeds, *a, **kw):
+        fusion_texts.append(text_embeds.detach().clone())
+        return real_fusion(text_embeds, *a, **kw)
+
+    monkeypatch.setattr(model.fusion_encoder, "forward", fusion_spy)
+    torch.manual_seed(1)
+    out = model(batch["image"], batch["input_ids"], batch["attention_mask"], mlm_input_ids=batch["mlm_input_ids"],
+                mlm_labels=batch["mlm_labels"], word_candidates=batch["word_candidates"], alpha=0.0)
+    (t_pos, _), (t_neg, _), (t_sm, _) = calls
+    expect = masked if itm_text_aug else clean
+    assert torch.allclose(t_pos, expect, atol=1e-5) and torch.allclose(t_neg[:B], expect, atol=1e-5)
+    # the MLM pass: an extra fusion pass over the masked caption only when ITM reads the clean one
+    assert len(fusion_texts) == len(calls) + (0 if itm_text_aug else 1)
+    if not itm_text_aug:
+        assert torch.allclose(fusion_texts[-1], masked, atol=1e-5)
+    assert torch.isfinite(out["loss_mlm"]) and float(out["loss_mlm"].detach()) > 0
+
+
 def test_itm_probe_values_and_hard_negatives(tok, monkeypatch):
     """The probe's four means are the ITM match probabilities of the pairs it names: with a constant head
     every mean is sigmoid(b); the hard negatives never share the positive's caption."""

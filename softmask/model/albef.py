@@ -10,7 +10,8 @@ Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
   negative image) and B (image, hard negative text) pairs; negatives drawn from
   the softmax of the in-batch similarities, diagonal (and, by default, pairs with
   the same caption) excluded.
-* ``loss_softmask``: per pair, a random caption word; the gradient of the
+* ``loss_softmask``: per pair, a random caption word (of ``word_candidates``: every non-special token, or
+  with ``softmask_words="content"`` no function word or punctuation); the gradient of the
   positive ITM logits with respect to the Grad-CAM layer's attention output
   (``torch.autograd.grad``, parameter gradients untouched, attention dropout off
   on that layer); :func:`softmask.text_driven_soft_mask` dims the image tokens
@@ -31,7 +32,10 @@ Objectives of one :meth:`SoftMaskALBEF.forward` (B pairs):
 With ``text_aug`` (multi-modal augmentation) ITC and ITM see the masked
 caption, and the MLM logits come from the positive ITM fusion pass (same
 inputs as ALBEF's MLM pass); without it they see the clean caption and MLM has
-its own text + fusion pass, as in ALBEF.
+its own text + fusion pass, as in ALBEF. With ``text_aug`` and
+``itm_text_aug=False`` only ITC sees the masked caption: ITM and the
+soft-masked pairs read the clean one (a second text pass), and MLM has its own
+fusion pass over the masked caption's text states.
 """
 
 from __future__ import annotations
@@ -402,6 +406,12 @@ class SoftMaskALBEF(nn.Module):
         text_ids = mlm_input_ids if cfg.text_aug else input_ids
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(text_ids, attention_mask)
+        itm_shares_mlm = cfg.text_aug and cfg.itm_text_aug  # ITM reads the masked view: MLM shares its pass
+        # ITM (and the soft-masked pairs) read the clean caption unless itm_shares_mlm; the masked view's text
+        # states (text_aug) then serve ITC and the MLM fusion pass
+        masked_embeds_text = text_embeds if cfg.text_aug else None
+        if cfg.text_aug and not cfg.itm_text_aug:
+            text_embeds, _ = self.encode_text(input_ids, attention_mask)
 
         # ---------------------------------------------------------------- ITC (focal, momentum distillation)
         with torch.no_grad():
@@ -497,8 +507,10 @@ class SoftMaskALBEF(nn.Module):
             loss_bow = image_feat.new_zeros(())
 
         # ---------------------------------------------------------------- MLM
-        if cfg.text_aug:
+        if itm_shares_mlm:
             fused_mlm = fused_pos
+        elif masked_embeds_text is not None:
+            fused_mlm, _ = self.fusion_encoder(masked_embeds_text, attention_mask, image_kv=image_kv)
         else:
             mlm_text, _ = self.encode_text(mlm_input_ids, attention_mask)
             fused_mlm, _ = self.fusion_encoder(mlm_text, attention_mask, image_kv=image_kv)

@@ -108,6 +108,9 @@ class ModelConfig:
     softmask_words: str = "all"
     gradcam_layer: int = 0  # index into the fusion layers (0-based); never the last one
     text_aug: bool = True  # ITC/ITM see the masked-caption view; MLM shares the positive ITM fusion pass
+    # with text_aug: False keeps the masked view to ITC alone; ITM and the soft-masked pairs read the clean caption
+    # (a masked caption can lose the one word that tells it from its hard negative), MLM gets its own fusion pass
+    itm_text_aug: bool = True
     exclude_same_caption_negatives: bool = True  # never sample a hard negative whose caption equals the positive's
     # ------------------------------------------------------------------ execution
     attn_impl: str = "auto"  # "auto": SDPA (xformers on CUDA when installed); "eager": materialized softmax

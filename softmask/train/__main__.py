@@ -49,6 +49,7 @@ _INVERTED = {
     "no_softmask": ("softmask", False, None),
     "softmask_positives_only": ("softmask_negatives", False, None),
     "no_text_aug": ("text_aug", False, None),
+    "no_itm_text_aug": ("itm_text_aug", False, None),
     "no_image_aug": ("image_aug", False, True),
     "no_eval": ("run_eval", False, True),
     "no_progress": ("progress", False, True),
@@ -171,6 +172,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     else:
         p.add_argument("--no-text-aug", action="store_true",
                        help="ITC/ITM on the clean caption (ALBEF) instead of the masked-caption view")
+    p.add_argument("--no-itm-text-aug", action="store_true",
+                   help="with the text augmentation, ITC alone reads the masked-caption view: ITM and the soft-masked "
+                   "pairs read the clean caption, and MLM gets its own fusion pass")
     p.add_argument("--no-image-aug", action="store_true",
                    help="training crops without the caption-safe RandAugment (the image half of the multi-modal "
                    "augmentation; --no-text-aug is the text half)")

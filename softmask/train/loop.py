@@ -215,6 +215,7 @@ class TrainConfig:
     weight_mlm: Optional[float] = None
     queue_size: Optional[int] = None
     text_aug: Optional[bool] = None
+    itm_text_aug: Optional[bool] = None
     # image half of the multi-modal augmentation: caption-safe RandAugment on the training crops
     image_aug: bool = True
     eval_k: int = 16
@@ -286,7 +287,8 @@ class TrainConfig:
 
     MODEL_OVERRIDES = ("gamma", "alpha", "softmask", "mask_floor", "softmask_negatives", "softmask_pairs",
                        "softmask_words", "gradcam_layer", "weight_itc", "weight_itm",
-                       "weight_softmask", "weight_mlm", "queue_size", "text_aug", "fusion_layers", "momentum", "vision_stem",
+                       "weight_softmask", "weight_mlm", "queue_size", "text_aug", "itm_text_aug",
+                       "fusion_layers", "momentum", "vision_stem",
                        "vision_registers", "vision_attn_radius", "fusion_text_input", "text_attn_radius", "mlm_prob")
 
     def recipe_applies(self) -> bool:
@@ -968,7 +970,7 @@ def train(cfg: TrainConfig) -> dict:
         mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], tokenizer, prob=mcfg.mlm_prob, generator=gen)
         if mcfg.weight_mlm == 0:  # no MLM (fine-tuning): no token is predicted; the masked view stays for text_aug
             mlm_labels = torch.full_like(mlm_labels, -100)
-        view_ids = mlm_ids if mcfg.text_aug else batch["input_ids"]
+        view_ids = mlm_ids if mcfg.text_aug and mcfg.itm_text_aug else batch["input_ids"]  # the ITM caption
         cand = candidate_word_mask(view_ids, batch["attention_mask"], tokenizer, words=mcfg.softmask_words)
         alpha = mcfg.alpha * min(1.0, step / ramp)
         image = batch["image"].to(device, non_blocking=True)
