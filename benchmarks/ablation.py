@@ -2,10 +2,12 @@
 
     python -m benchmarks.ablation [--seeds 0 1 2] [--configs full no_softmask ...] [--jobs 2]
     python -m benchmarks.ablation --render          # table and figure from the committed rows only
+    python -m benchmarks.ablation --suite recipe_800     # the recipe's first version (800 steps)
     python -m benchmarks.ablation --suite from_scratch   # the earlier default's ablation (random-init ViT)
 
-Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 800 steps of 48 pairs, the
-shapes recipe: the shipped ViT and local attention on both sides) with the config's overrides, evaluates
+Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 1,200 steps of 48 pairs, the
+shapes recipe: the shipped ViT and local attention on both sides, ITM on the clean caption, soft masks at
+floor 0.75) with the config's overrides, evaluates
 it on the 256 held-out pairs, and appends one row to ``bench_results/ablation/ablation.json`` (a list of
 rows with ``config``, ``seed``, ``tr_r1``, ``tr_r5``, ``ir_r1``, ``ir_r5``, ``itc_tr_r1``, ``itc_ir_r1``,
 ``pointing_game``, ``pointing_game_color``, the ITM probe and the wall time). The file is rewritten
@@ -14,9 +16,11 @@ resumes where it stopped. ``--jobs 2`` trains two runs at once with one intra-op
 2-core machine, two one-thread runs finish more steps per second than one two-thread run). The rendered
 table (mean +- std over seeds) goes to ``README.md`` and the figure to ``ablation.png`` beside the rows.
 
-Configurations (``SUITES["recipe"]``, the default job since 2026-12-02): the full method; without soft
+Configurations (``SUITES["recipe"]``, the default job): the full method; without soft
 masks; without focal ITC (gamma 0); without multi-modal augmentation (no masked-caption view, no
-RandAugment); and the ALBEF baseline with none of the three. ``SUITES["from_scratch"]`` is the ablation of
+RandAugment); and the ALBEF baseline with none of the three. ``SUITES["recipe_800"]`` is the same ablation of
+the recipe's first version (800 steps, ITM on the masked caption, floor 0.5), rows in
+``bench_results/ablation/recipe_800/``. ``SUITES["from_scratch"]`` is the ablation of
 the earlier default job, whose ViT started from random weights (``vit_checkpoint="none"``), rows in
 ``bench_results/ablation/from_scratch/``: there ``full`` and the configurations with soft masks other than
 ``full_one_pair`` pin ``softmask_pairs="all"``, the default when their rows ran, so that the command
@@ -54,11 +58,16 @@ FROM_SCRATCH_CONFIGS: dict[str, dict] = {
     "no_aug": {**_SCRATCH, "text_aug": False, "image_aug": False, "softmask_pairs": "all"},
     "albef": {**_SCRATCH, "softmask": False, "gamma": 0.0, "text_aug": False, "image_aug": False},
 }
-SUITES = {"recipe": RECIPE_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS}
+# the shapes recipe as it was from 2026-12-02 to 2026-12-02 (third session): 800 steps, ITM on the masked caption,
+# soft masks at floor 0.5 (docs/TRAINING_NOTES.md H32-H40); pinned so that the command reproduces its rows
+_RECIPE_800 = {"steps": 800, "itm_text_aug": True, "mask_floor": 0.5}
+RECIPE_800_CONFIGS: dict[str, dict] = {name: {**_RECIPE_800, **over} for name, over in RECIPE_CONFIGS.items()}
+SUITES = {"recipe": RECIPE_CONFIGS, "recipe_800": RECIPE_800_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS}
 METRICS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color")
 PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
 RESULTS = os.path.join("bench_results", "ablation")
-SUITE_RESULTS = {"recipe": RESULTS, "from_scratch": os.path.join(RESULTS, "from_scratch")}
+SUITE_RESULTS = {"recipe": RESULTS, "recipe_800": os.path.join(RESULTS, "recipe_800"),
+                 "from_scratch": os.path.join(RESULTS, "from_scratch")}
 
 
 def _load(path: str) -> list[dict]:
@@ -222,13 +231,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--suite", choices=list(SUITES), default="recipe",
-                   help="recipe: the default job's ablation; from_scratch: the earlier default's (random-init ViT)")
+                   help="recipe: the default job's ablation; recipe_800: the recipe before 2026-12-02's third session "
+                   "(800 steps, ITM on the masked caption, floor 0.5); from_scratch: the default before it "
+                   "(random-init ViT)")
     p.add_argument("--configs", nargs="+", default=None, choices=sorted(set().union(*SUITES.values())),
                    help="default: every configuration of the suite")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per run")
     p.add_argument("--runs", default=None, help="run directories (default: runs/ablation, or "
-                   "runs/ablation_from_scratch for that suite)")
+                   "runs/ablation_SUITE for another suite)")
     p.add_argument("--results", default=None, help="default: the suite's folder under bench_results/ablation")
     p.add_argument("--extra", default="{}", help="JSON of TrainConfig overrides applied to every config")
     p.add_argument("--render", action="store_true", help="only render the table and figure")

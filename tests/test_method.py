@@ -656,9 +656,17 @@ def test_ablation_suites_train_what_they_name():
     for name, over in ablation.RECIPE_CONFIGS.items():
         r = TrainConfig(**over).resolved()
         assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale) == ("shapes-objects", 1, 0.1), name
+        assert (r.steps, r.itm_text_aug, r.mask_floor) == (1200, False, 0.75), name
+    # the recipe's first version: the same configurations at 800 steps, ITM on the masked caption, floor 0.5
+    assert set(ablation.RECIPE_800_CONFIGS) == set(ablation.RECIPE_CONFIGS)
+    for name, over in ablation.RECIPE_800_CONFIGS.items():
+        r = TrainConfig(**over).resolved()
+        assert (r.vit_checkpoint, r.steps, r.itm_text_aug, r.mask_floor) == ("shapes-objects", 800, True, 0.5), name
+        assert {k: v for k, v in over.items() if k not in ("steps", "itm_text_aug", "mask_floor")} == \
+            ablation.RECIPE_CONFIGS[name]
     for name, over in ablation.FROM_SCRATCH_CONFIGS.items():
         r = TrainConfig(**over).resolved()
-        assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale) == ("none", None, 1.0), name
+        assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale, r.steps) == ("none", None, 1.0, 800), name
     # the parts removed: exactly one per configuration, all three in the baseline
     parts = {"no_softmask": {"softmask"}, "no_focal": {"gamma"}, "no_aug": {"text_aug", "image_aug"},
              "albef": {"softmask", "gamma", "text_aug", "image_aug"}}

@@ -138,17 +138,18 @@ def test_shapes_recipe_resolution(tmp_path):
     """vit_checkpoint "auto" (the default) is the shapes recipe exactly where the shipped ViT fits: the tiny preset
     on the shapes data from no checkpoint; settings given keep their value; elsewhere the earlier default."""
     recipe = dict(vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1, vision_lr_scale=0.1, text_attn_radius=1,
-                  mask_floor=0.5)
+                  mask_floor=0.75, itm_text_aug=False, steps=1200)
     r = TrainConfig().resolved()
     assert {k: getattr(r, k) for k in recipe} == recipe
     assert r.resolved() == r  # idempotent: a run's saved config.json replays the same run
     assert TrainConfig(**recipe).resolved() == r  # the explicit recipe is the default
     # settings given are kept, the rest of the recipe still applies
-    r = TrainConfig(text_attn_radius=3, vision_lr_scale=0.5).resolved()
+    r = TrainConfig(text_attn_radius=3, vision_lr_scale=0.5, steps=700, itm_text_aug=True, mask_floor=0.0).resolved()
     assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale, r.vision_attn_radius) == (BUILTIN_VIT, 3, 0.5, 1)
+    assert (r.steps, r.itm_text_aug, r.mask_floor) == (700, True, 0.0)
     # elsewhere: random init, global attention, the ViT at the full lr (the earlier default)
     earlier = dict(vit_checkpoint=None, vision_attn_radius=None, vision_lr_scale=1.0, text_attn_radius=None,
-                   mask_floor=None)
+                   mask_floor=None, itm_text_aug=None, steps=800)
     for other in (dict(vit_checkpoint="none"), dict(vit_checkpoint=None), dict(preset="base"),
                   dict(data=str(tmp_path / "caps.json")), dict(init_checkpoint=str(tmp_path)),
                   dict(vision_stem="conv"), dict(vision_registers=2), dict(vision_attn_radius=2),
@@ -166,10 +167,11 @@ def test_shapes_recipe_resolution(tmp_path):
     from softmask.train.loop import task_config
 
     assert task_config("retrieval").resolved().vit_checkpoint is None
+    assert task_config("retrieval").resolved().steps == 300
     assert task_config("retrieval", init_checkpoint=str(tmp_path)).resolved().vit_checkpoint is None
     # the model built from the default has local attention on both sides
     mcfg = TrainConfig().model_config(_tok())
-    assert (mcfg.vision_attn_radius, mcfg.text_attn_radius) == (1, 1)
+    assert (mcfg.vision_attn_radius, mcfg.text_attn_radius, mcfg.mask_floor, mcfg.itm_text_aug) == (1, 1, 0.75, False)
     assert TrainConfig(vit_checkpoint="none").model_config(_tok()).text_attn_radius is None
 
 

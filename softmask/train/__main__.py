@@ -49,7 +49,6 @@ _INVERTED = {
     "no_softmask": ("softmask", False, None),
     "softmask_positives_only": ("softmask_negatives", False, None),
     "no_text_aug": ("text_aug", False, None),
-    "no_itm_text_aug": ("itm_text_aug", False, None),
     "no_image_aug": ("image_aug", False, True),
     "no_eval": ("run_eval", False, True),
     "no_progress": ("progress", False, True),
@@ -112,7 +111,8 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    "tenth) are held out for evaluation, listed in OUT/heldout.json; 0: train on all")
     p.add_argument("--tokenizer", default=None,
                    help="local Hugging Face tokenizer directory (default: the shapes WordPiece tokenizer)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps" + (
+        "" if finetune else " (default: 1200 with the shapes recipe of --vit-checkpoint auto, else 800)"))
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the training set (replaces --steps; a --steps flag cancels a config file's "
                    "epochs)")
@@ -172,9 +172,12 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     else:
         p.add_argument("--no-text-aug", action="store_true",
                        help="ITC/ITM on the clean caption (ALBEF) instead of the masked-caption view")
-    p.add_argument("--no-itm-text-aug", action="store_true",
-                   help="with the text augmentation, ITC alone reads the masked-caption view: ITM and the soft-masked "
-                   "pairs read the clean caption, and MLM gets its own fusion pass")
+    p.add_argument("--itm-text-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the text augmentation, whether ITM and the soft-masked pairs read the masked-caption "
+                   "view too (MLM then shares the positive ITM pass); --no-itm-text-aug: ITC alone reads it, ITM "
+                   "the clean caption, MLM gets its own fusion pass (default: " + (
+                       "the checkpoint's" if finetune else "off with the shapes recipe of --vit-checkpoint auto, "
+                       "else on") + ")")
     p.add_argument("--no-image-aug", action="store_true",
                    help="training crops without the caption-safe RandAugment (the image half of the multi-modal "
                    "augmentation; --no-text-aug is the text half)")

@@ -81,9 +81,14 @@ __all__ = ["TrainConfig", "train", "NonFiniteLossError", "ConfigError", "build_m
 AUTO = "auto"
 RECIPE_VISION_LR_SCALE = 0.1  # the shapes recipe's ViT lr relative to lr (docs/TRAINING_NOTES.md H20)
 RECIPE_TEXT_ATTN_RADIUS = 1  # the shapes recipe's local text self-attention (docs/TRAINING_NOTES.md H31)
-# the shapes recipe's soft mask at the word's most tied patch: half its contrast kept, not all of it removed
-# (docs/TRAINING_NOTES.md H32: 0.5 against 0 raised pointing and ITM in both seeds tried)
-RECIPE_MASK_FLOOR = 0.5
+# the shapes recipe's soft mask at the word's most tied patch: three quarters of its contrast kept (docs/TRAINING_NOTES.md
+# H32: 0.5 against 0 raised pointing and ITM; H40: 0.75 against 0.5 raised colour pointing 6-8 points)
+RECIPE_MASK_FLOOR = 0.75
+# the shapes recipe's ITM (and soft-masked pairs) read the clean caption, ITC alone the masked one: a masked caption
+# can lose the word that tells it from its hard negative (docs/TRAINING_NOTES.md H38-H40)
+RECIPE_ITM_TEXT_AUG = False
+RECIPE_STEPS = 1200  # the shapes recipe's budget: ITM reaches 0.8 / 0.2 (H33-H35, H39); 524 s on 2 cores
+DEFAULT_STEPS = 800  # elsewhere
 
 LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm", "loss_bow")
 TASKS = ("pretrain", "retrieval")
@@ -135,9 +140,9 @@ class TrainConfig:
     """Everything one pretraining run needs (the command line's flags map onto these fields; a
     config file, ``softmask-pretrain --config FILE``, can set any of them: :func:`load_config_file`).
 
-    The defaults are the project's main job: ``tiny`` on 16,384 synthetic shapes pairs, 800
+    The defaults are the project's main job: ``tiny`` on 16,384 synthetic shapes pairs, 1,200
     steps of 48 pairs, then evaluation on the 256 held-out pairs, started from the shipped tiny ViT
-    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; 321 s in all,
+    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; 524 s in all,
     evaluation included, on an idle 2-core CPU). Model fields left at None keep the preset's value. ``epochs``, when
     set, replaces ``steps``: the run takes ``epochs`` passes over the training set. Every field is
     checked on construction (type and range); a bad one raises :class:`ConfigError` naming it.
@@ -154,7 +159,7 @@ class TrainConfig:
     test_image_root: Optional[str] = None
     holdout: int = 1000
     tokenizer: Optional[str] = None  # None/"shapes": the shapes WordPiece tokenizer; else a local HF directory
-    steps: int = 800
+    steps: Optional[int] = None  # None: 1,200 with the shapes recipe, else 800 (see resolved)
     epochs: Optional[int] = None  # passes over the training set; replaces ``steps`` when set
     batch_size: int = 48
     lr: float = 5e-4
@@ -306,21 +311,25 @@ class TrainConfig:
         ``vit_checkpoint="auto"`` (the default) is the *shapes recipe* where :meth:`recipe_applies`: the shipped
         tiny ViT (``"shapes-objects"``) with its local attention of radius 1 (``vision_attn_radius``), trained
         at a tenth of the lr (``vision_lr_scale`` 0.1), local text self-attention of radius 1
-        (``text_attn_radius``) and soft masks that keep half the contrast of the word's most tied patch
-        (``mask_floor`` 0.5); settings given explicitly are kept. Measured in the README ("Pretraining") and
-        docs/TRAINING_NOTES.md (H18-H22, H31, H32). Elsewhere (another
+        (``text_attn_radius``), soft masks that keep three quarters of the contrast of the word's most tied patch
+        (``mask_floor`` 0.75), ITM and the soft-masked pairs on the clean caption (``itm_text_aug`` False: ITC
+        alone reads the masked one) and 1,200 steps; settings given explicitly are kept. Measured in the README
+        ("Pretraining") and docs/TRAINING_NOTES.md (H18-H22, H31-H40). Elsewhere (another
         preset or data set, a checkpoint to start from, another ViT architecture) ``"auto"`` is a random init,
         the earlier default; ``vit_checkpoint="none"`` asks for that on the shapes data too. ``vision_lr_scale``
-        None is 0.1 with the recipe, else 1.0."""
+        None is 0.1 with the recipe, else 1.0; ``steps`` None is 1,200 with the recipe, else 800."""
         if self.recipe_applies():
             return dataclasses.replace(
                 self, vit_checkpoint=BUILTIN_VIT, vision_attn_radius=BUILTIN_VIT_RADIUS,
                 vision_lr_scale=RECIPE_VISION_LR_SCALE if self.vision_lr_scale is None else self.vision_lr_scale,
                 text_attn_radius=RECIPE_TEXT_ATTN_RADIUS if self.text_attn_radius is None else self.text_attn_radius,
-                mask_floor=RECIPE_MASK_FLOOR if self.mask_floor is None else self.mask_floor)
-        if self.vit_checkpoint == AUTO or self.vision_lr_scale is None:
+                mask_floor=RECIPE_MASK_FLOOR if self.mask_floor is None else self.mask_floor,
+                itm_text_aug=RECIPE_ITM_TEXT_AUG if self.itm_text_aug is None else self.itm_text_aug,
+                steps=RECIPE_STEPS if self.steps is None else self.steps)
+        if self.vit_checkpoint == AUTO or self.vision_lr_scale is None or self.steps is None:
             return dataclasses.replace(self, vit_checkpoint=None if self.vit_checkpoint == AUTO else self.vit_checkpoint,
-                                       vision_lr_scale=1.0 if self.vision_lr_scale is None else self.vision_lr_scale)
+                                       vision_lr_scale=1.0 if self.vision_lr_scale is None else self.vision_lr_scale,
+                                       steps=DEFAULT_STEPS if self.steps is None else self.steps)
         return self
 
     def model_config(self, tokenizer):
