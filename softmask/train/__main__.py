@@ -156,7 +156,7 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                        "the checkpoint's" if finetune else "all") + ")")
     p.add_argument("--mask-floor", type=float, default=None,
                    help="soft-mask value on the most word-related patch, in [0, 1] (default: " + (
-                       "the checkpoint's" if finetune else "0.5 with the shapes recipe of --vit-checkpoint auto, "
+                       "the checkpoint's" if finetune else "0.75 with the shapes recipe of --vit-checkpoint auto, "
                        "else 0: the patch removed") + ")")
     p.add_argument("--gradcam-layer", type=int, default=None, help="fusion layer (0-based) of the Grad-CAM")
     for term in ("itc", "itm", "softmask", "mlm"):
@@ -193,7 +193,8 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                        "ViT, pretrained on labelled single-object images by softmask-vision-pretrain), 'none' (random "
                        "init) or 'auto' (the default): on the shapes data with the tiny preset, the shapes recipe "
                        "(the shipped ViT at a tenth of the lr, local attention of radius 1 on both sides, soft masks with "
-                       "--mask-floor 0.5; settings given keep their value), elsewhere random init")
+                       "--mask-floor 0.75, --no-itm-text-aug, 1200 steps; settings given keep their value), elsewhere "
+                       "random init")
         p.add_argument("--bert-dir", default=None, help="local Hugging Face BERT directory (layers 6-11 -> fusion)")
     p.add_argument("--pointing-every", type=int, default=d.pointing_every,
                    help="held-out pointing game every N steps during training, logged to metrics.jsonl (0: off; "
