@@ -503,6 +503,20 @@ def test_softmask_pairs_flag_and_setting():
         model_preset("tiny", softmask_pairs="two")
 
 
+def test_itm_text_aug_flags():
+    """``--itm-text-aug`` / ``--no-itm-text-aug`` set the field (unset: None, the recipe decides), each named as the
+    flag that was given."""
+    from softmask.train.__main__ import config_from_argv
+
+    cfg, sources = config_from_argv([])
+    assert cfg.itm_text_aug is None and "itm_text_aug" not in sources
+    cfg, sources = config_from_argv(["--no-itm-text-aug"])
+    assert cfg.itm_text_aug is False and sources["itm_text_aug"] == ("flag", "--no-itm-text-aug")
+    cfg, sources = config_from_argv(["--itm-text-aug"])
+    assert cfg.itm_text_aug is True and sources["itm_text_aug"] == ("flag", "--itm-text-aug")
+    assert cfg.model_config(get_tokenizer(None)).itm_text_aug is True
+
+
 def test_softmask_words_flag_and_setting():
     """``--softmask-words`` reaches the model config (default "all"); a bad value is refused with its name."""
     from softmask.train.__main__ import config_from_argv

@@ -230,11 +230,14 @@ def config_from_args(a: argparse.Namespace, task: str = "pretrain") -> TrainConf
     return task_config(task, **{k: v for k, v in fields.items() if not (v is None and k in TASK_DEFAULTS[task])})
 
 
-def _flag_of(field: str, parser: argparse.ArgumentParser):
-    """The command-line flag that sets ``field`` (None: only a config file can)."""
+def _flag_of(field: str, parser: argparse.ArgumentParser, value=None):
+    """The command-line flag that sets ``field`` (to ``value``: ``--no-X`` for False of an ``--X / --no-X`` pair;
+    None: only a config file can)."""
     for action in parser._actions:
         name = _INVERTED[action.dest][0] if action.dest in _INVERTED else action.dest
         if name == field and action.option_strings:
+            if isinstance(action, argparse.BooleanOptionalAction) and value is False:
+                return next(o for o in action.option_strings if o.startswith("--no-"))
             return action.option_strings[0]
     return None
 
@@ -278,7 +281,7 @@ def config_from_argv(argv=None, sources=None, task: str = "pretrain"):
     values["task"] = task
     cli = _fields_from(given)
     for k, v in cli.items():
-        values[k], sources[k] = v, ("flag", _flag_of(k, parser))
+        values[k], sources[k] = v, ("flag", _flag_of(k, parser, v))
     if values.get("resume"):
         out = values.get("out", TASK_DEFAULTS[task].get("out", TrainConfig.out))
         ckpt, saved = _saved_train_config(out)
