@@ -406,11 +406,8 @@ class SoftMaskALBEF(nn.Module):
         text_ids = mlm_input_ids if cfg.text_aug else input_ids
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(text_ids, attention_mask)
-        itm_shares_mlm = cfg.text_aug and cfg.itm_text_aug  # ITM reads the masked view: MLM shares its pass
-        # ITM (and the soft-masked pairs) read the clean caption unless itm_shares_mlm; the masked view's text
-        # states (text_aug) then serve ITC and the MLM fusion pass
-        masked_embeds_text = text_embeds if cfg.text_aug else None
-        if cfg.text_aug and not cfg.itm_text_aug:
+        itc_text_embeds = text_embeds  # the caption ITC reads: with text_aug the masked one, which MLM predicts
+        if cfg.text_aug and not cfg.itm_reads_masked_caption:  # ITM and the soft-masked pairs: the clean caption
             text_embeds, _ = self.encode_text(input_ids, attention_mask)
 
         # ---------------------------------------------------------------- ITC (focal, momentum distillation)
@@ -507,10 +504,10 @@ class SoftMaskALBEF(nn.Module):
             loss_bow = image_feat.new_zeros(())
 
         # ---------------------------------------------------------------- MLM
-        if itm_shares_mlm:
+        if cfg.itm_reads_masked_caption:  # the positive ITM pass read the masked caption: MLM shares it
             fused_mlm = fused_pos
-        elif masked_embeds_text is not None:
-            fused_mlm, _ = self.fusion_encoder(masked_embeds_text, attention_mask, image_kv=image_kv)
+        elif cfg.text_aug:  # ITM read the clean caption: MLM's own fusion pass over ITC's masked one
+            fused_mlm, _ = self.fusion_encoder(itc_text_embeds, attention_mask, image_kv=image_kv)
         else:
             mlm_text, _ = self.encode_text(mlm_input_ids, attention_mask)
             fused_mlm, _ = self.fusion_encoder(mlm_text, attention_mask, image_kv=image_kv)

@@ -172,6 +172,12 @@ class ModelConfig:
             raise ValueError(f"queue_size: expected >= 0, got {self.queue_size}")
 
     @property
+    def itm_reads_masked_caption(self) -> bool:
+        """Whether ITM and the soft-masked pairs read the MLM-masked caption (``text_aug`` and ``itm_text_aug``),
+        the caption the soft-mask word is drawn from; else they read the clean one."""
+        return self.text_aug and self.itm_text_aug
+
+    @property
     def grid(self) -> int:
         """Patches per side: the Grad-CAM maps are ``[grid, grid]``."""
         return self.image_size // self.patch_size

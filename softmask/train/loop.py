@@ -979,7 +979,7 @@ def train(cfg: TrainConfig) -> dict:
         mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], tokenizer, prob=mcfg.mlm_prob, generator=gen)
         if mcfg.weight_mlm == 0:  # no MLM (fine-tuning): no token is predicted; the masked view stays for text_aug
             mlm_labels = torch.full_like(mlm_labels, -100)
-        view_ids = mlm_ids if mcfg.text_aug and mcfg.itm_text_aug else batch["input_ids"]  # the ITM caption
+        view_ids = mlm_ids if mcfg.itm_reads_masked_caption else batch["input_ids"]  # the caption ITM reads
         cand = candidate_word_mask(view_ids, batch["attention_mask"], tokenizer, words=mcfg.softmask_words)
         alpha = mcfg.alpha * min(1.0, step / ramp)
         image = batch["image"].to(device, non_blocking=True)
