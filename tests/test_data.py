@@ -478,3 +478,34 @@ def test_local_bert_tokenizer_directory(tmp_path):
     assert word_positions(ids, tok, [["hexagon", "circle", "hex"]]) == [[3, 8, -1]]
     m = candidate_word_mask(ids, enc["attention_mask"], tok)
     assert m[0].tolist() == [False] + [True] * 8 + [False] * 3
+
+
+@pytest.mark.parametrize("cursor", [0, 4])
+def test_batch_stream_is_the_same_with_workers(tok, cursor):
+    """The training stream's batches do not depend on the number of worker processes (every item is drawn with
+    its own seed), across an epoch boundary and from a cursor mid-epoch (resume), in the epochs' order."""
+    from softmask.train.data import EpochBatches, batch_stream
+
+    ds = build_dataset("shapes", "train", 32, train=True, size=18)  # 6 batches of 3 per epoch
+    take = 9
+
+    def stream(workers):
+        gen = batch_stream(ds, Collator(tok, 16), batch_size=3, seed=5, cursor=cursor, num_workers=workers)
+        got = [next(gen) for _ in range(take)]
+        gen.close()  # the loader and its workers go with the generator
+        return got
+
+    ref = stream(0)
+    assert [c for c, _ in ref] == list(range(cursor, cursor + take))
+    order = [key[0] for e in range(3) for b in EpochBatches(18, 3, seed=5, epoch=e) for key in b]
+    assert torch.cat([b["index"] for _, b in ref]).tolist() == order[3 * cursor: 3 * (cursor + take)]
+    for workers in (1, 2):
+        for (c0, b0), (c1, b1) in zip(ref, stream(workers)):
+            assert c0 == c1 and torch.equal(b0["image"], b1["image"]) and torch.equal(b0["input_ids"], b1["input_ids"])
+
+
+def test_auto_num_workers():
+    from softmask.train.loop import auto_num_workers
+
+    assert [auto_num_workers(c) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert 0 <= auto_num_workers() <= 4

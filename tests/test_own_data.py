@@ -6,6 +6,7 @@ line with exit status 2, and checkpoints that are refused instead of run."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -343,10 +344,24 @@ def test_unreadable_training_images(exported, tmp_path, capsys):
     batch stops the run with one line."""
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not an image")
     data = _json(tmp_path, "junk.json", [{"image": "junk.jpg", "caption": f"c {i}"} for i in range(4)])
+    # in the main process (--num-workers 0) so that pytest.warns sees the warning; a worker prints its own
     with pytest.warns(RuntimeWarning, match="junk.jpg"):
-        rc = main(["--data", data, "--test-data", str(exported / "test.json"), "--out", str(tmp_path / "r"), *TINY])
+        rc = main(["--data", data, "--test-data", str(exported / "test.json"), "--out", str(tmp_path / "r"), *TINY,
+                   "--num-workers", "0"])
     err = _one_line_error(capsys, rc)
     assert "--data" in err and "junk.json" in err and "no batch of a whole epoch" in err and "expected image" in err
+
+
+def test_unreadable_training_images_with_workers(exported, tmp_path):
+    """With a data loader worker the warning naming the file comes from the worker, on the CLI's stderr as well
+    (a subprocess: pytest records the warnings of its own process, and a forked worker's records are lost)."""
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not an image")
+    data = _json(tmp_path, "junk.json", [{"image": "junk.jpg", "caption": f"c {i}"} for i in range(4)])
+    r = subprocess.run([sys.executable, "-m", "softmask.train", "--data", data, "--test-data", str(exported / "test.json"),
+                        "--out", str(tmp_path / "r"), *TINY, "--num-workers", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "skipping image" in r.stderr and "junk.jpg" in r.stderr, r.stderr
+    assert r.stderr.rstrip().splitlines()[-1].startswith("softmask-pretrain: error: --data"), r.stderr
 
 
 def _copy_run(run, dst):

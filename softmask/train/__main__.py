@@ -183,7 +183,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    "augmentation; --no-text-aug is the text half)")
     p.add_argument("--train-size", type=int, default=d.train_size, help="shapes training items")
     p.add_argument("--test-size", type=int, default=None, help="shapes held-out items (default: 256)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader worker processes")
+    p.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="data loader worker processes (default: one per core beyond the first, at most 4; 0 builds "
+                   "each batch between steps)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: one per core; on a CPU shared with other jobs, 1 avoids "
                    "OpenMP stalls)")

@@ -133,26 +133,41 @@ class EpochBatches(Sampler):
             yield [(i, mix_seed(self.seed, self.epoch, i, 1)) for i in chunk]
 
 
+class StreamBatches(Sampler):
+    """The batches of :class:`EpochBatches` epoch after epoch, forever, from global batch ``cursor`` on."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, cursor: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.cursor = n, batch_size, seed, cursor
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        per_epoch = EpochBatches.per_epoch(self.n, self.batch_size, self.world)
+        epoch, start = divmod(self.cursor, per_epoch)
+        while True:
+            yield from EpochBatches(self.n, self.batch_size, self.seed, epoch, start, self.rank, self.world)
+            epoch, start = epoch + 1, 0
+
+
 def batch_stream(dataset: Dataset, collate, *, batch_size: int, seed: int, cursor: int, rank: int = 0,
                  world: int = 1, num_workers: int = 0):
     """Yield ``(cursor, batch)`` forever from ``cursor`` on (batches that collate to None are
-    yielded as None so the caller can count them)."""
+    yielded as None so the caller can count them).
+
+    One loader serves every epoch, so its ``num_workers`` worker processes start once and build the next
+    batches while the caller trains on this one. Every item is drawn with its own seed (:class:`SeededItems`),
+    so the batches do not depend on ``num_workers``."""
     n = len(dataset)
     per_epoch = EpochBatches.per_epoch(n, batch_size, world)
     if per_epoch == 0:
         raise ValueError(
             f"data set of {n} items is smaller than one global batch ({batch_size} x {world} ranks)"
         )
-    items = SeededItems(dataset)
-    while True:
-        epoch, start = divmod(cursor, per_epoch)
-        sampler = EpochBatches(n, batch_size, seed, epoch, start, rank, world)
-        loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 2)),
-                            persistent_workers=False)
-        for batch in loader:
-            yield cursor, batch
-            cursor += 1
+    loader = DataLoader(SeededItems(dataset), batch_sampler=StreamBatches(n, batch_size, seed, cursor, rank, world),
+                        collate_fn=collate, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(mix_seed(seed, cursor // per_epoch, 2)))
+    for batch in loader:
+        yield cursor, batch
+        cursor += 1
 
 
 # ----------------------------------------------------------------------------- a run's data
