@@ -1092,6 +1092,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(out, step, model, train_state(), config_dict)
             if world > 1:
                 dist.barrier()
+    stream.close()  # the data loader's workers end here, before the evaluation
     if bar is not None:
         bar.close()
 
