@@ -507,5 +507,6 @@ def test_batch_stream_is_the_same_with_workers(tok, cursor):
 def test_auto_num_workers():
     from softmask.train.loop import auto_num_workers
 
-    assert [auto_num_workers(c) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
-    assert 0 <= auto_num_workers() <= 4
+    assert [auto_num_workers("cuda", c) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert [auto_num_workers("cpu", c) for c in (1, 2, 64)] == [0, 0, 0]  # the training threads use every core
+    assert 0 <= auto_num_workers("cuda") <= 4 and auto_num_workers() == 0

@@ -184,8 +184,8 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=d.train_size, help="shapes training items")
     p.add_argument("--test-size", type=int, default=None, help="shapes held-out items (default: 256)")
     p.add_argument("--num-workers", type=int, default=d.num_workers,
-                   help="data loader worker processes (default: one per core beyond the first, at most 4; 0 builds "
-                   "each batch between steps)")
+                   help="data loader worker processes (default: on a GPU one per core beyond the first, at most 4; "
+                   "on the CPU 0, which builds each batch between steps while the training threads use every core)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: one per core; on a CPU shared with other jobs, 1 avoids "
                    "OpenMP stalls)")

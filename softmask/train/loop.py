@@ -179,7 +179,7 @@ class TrainConfig:
     save_every: int = 200
     resume: bool = False
     run_eval: bool = True
-    num_workers: Optional[int] = None  # data loader worker processes (None: auto_num_workers())
+    num_workers: Optional[int] = None  # data loader worker processes (None: auto_num_workers(device))
     max_len: int = 24
     train_size: Optional[int] = 16384  # shapes only; None: the data set's default
     test_size: Optional[int] = None
@@ -595,12 +595,18 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def auto_num_workers(cores: Optional[int] = None) -> int:
-    """The data loader's worker processes when ``num_workers`` is None: one per core beyond the first, at most
-    4 (0 on one core). A worker builds the next batches (drawing or decoding the images, the augmentation,
-    tokenizing) while the model trains on this one; with none, that work waits between steps. On the 2-core
-    machine this is 1 worker. Every item is seeded by its own key, so the batches are the same with any
-    number of workers (tested)."""
+def auto_num_workers(device: str = "cpu", cores: Optional[int] = None) -> int:
+    """The data loader's worker processes when ``num_workers`` is None.
+
+    On a GPU, one per core beyond the first, at most 4: a worker builds the next batches (drawing or
+    decoding the images, the augmentation, tokenizing) while the GPU trains on this one. On the CPU, none:
+    the intra-op threads already use every core, and a worker only competes with them. Measured on the
+    2-core machine (150-step runs, run in the order A B C C B A): 1 worker took 79.9 and 86.9 s where
+    building each batch between steps took 81.0 and 74.2 s, with 4-25 % more user time
+    (benchmarks/NOTES.md). Every item is seeded by its own key, so the batches are the same with any number
+    of workers (tested)."""
+    if device != "cuda":
+        return 0
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(4, cores - 1))
@@ -625,10 +631,11 @@ def keep_freed_memory() -> bool:
     with ``munmap`` when freed, and trims the heap's free top; the next tensor of that size then
     touches new pages, and the kernel faults in and zeroes each 4 KiB page again. A CPU training step
     allocates and frees its activations (a ``[48, 69, 512]`` float32 tensor is 6.8 MB) on every step, so
-    on the 2-core machine the default job took about 5,000 page faults per step and 59 s of system
-    time. Raising the mmap threshold to 1 GiB and switching off trimming keeps the freed memory in
-    the heap, where the next step reuses it. Memory is not used up: the process's resident size stays
-    at its peak instead of shrinking between steps. Tensor alignment is PyTorch's own (64 bytes) either
+    on the 2-core machine the default job took 6.0 million minor page faults and 59 s of system time.
+    Raising the mmap threshold to 1 GiB and switching off trimming keeps the freed memory in the heap,
+    where the next step reuses it: 0.3 million faults, 42 s, and the job took 587 s instead of 653 s
+    (benchmarks/NOTES.md). The process's resident size stays at its peak instead of shrinking between
+    steps. Tensor alignment is PyTorch's own (64 bytes) either
     way, so the results are bit-identical (tested).
 
     Process-wide: :func:`train` calls it for a CPU run (the training CLIs' process)."""
@@ -978,7 +985,8 @@ def train(cfg: TrainConfig) -> dict:
 
     stream = batch_stream(dataset, collate, batch_size=cfg.batch_size, seed=cfg.seed, cursor=cursor, rank=rank,
                           world=world,
-                          num_workers=auto_num_workers() if cfg.num_workers is None else cfg.num_workers)
+                          num_workers=auto_num_workers(device.type) if cfg.num_workers is None
+                          else cfg.num_workers)
     ramp = cfg.alpha_ramp_steps if cfg.alpha_ramp_steps is not None else max(1, total_steps // 5)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
