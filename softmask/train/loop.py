@@ -635,8 +635,8 @@ def keep_freed_memory() -> bool:
     Raising the mmap threshold to 1 GiB and switching off trimming keeps the freed memory in the heap,
     where the next step reuses it: 0.3 million faults, 42 s, and the job took 587 s instead of 653 s
     (benchmarks/NOTES.md). The process's resident size stays at its peak instead of shrinking between
-    steps. Tensor alignment is PyTorch's own (64 bytes) either
-    way, so the results are bit-identical (tested).
+    steps. Tensor alignment is PyTorch's own (64 bytes) either way, so the results are bit-identical
+    (tested).
 
     Process-wide: :func:`train` calls it for a CPU run (the training CLIs' process)."""
     if not sys.platform.startswith("linux"):
@@ -646,7 +646,7 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (OSError, AttributeError):  # no C library to load, or one without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # some glibc versions cap the mmap threshold at HEAP_MAX_SIZE / 2 (32 MiB on 64-bit): fall back to the cap
