@@ -87,7 +87,7 @@ RECIPE_MASK_FLOOR = 0.75
 # the shapes recipe's ITM (and soft-masked pairs) read the clean caption, ITC alone the masked one: a masked caption
 # can lose the word that tells it from its hard negative (docs/TRAINING_NOTES.md H38-H40)
 RECIPE_ITM_TEXT_AUG = False
-RECIPE_STEPS = 1200  # the shapes recipe's budget: ITM reaches 0.8 / 0.2 (H33-H35, H39); 524-641 s on 2 cores
+RECIPE_STEPS = 1200  # the shapes recipe's budget: ITM reaches 0.8 / 0.2 (H33-H35, H39); 587 s on 2 cores
 DEFAULT_STEPS = 800  # elsewhere
 
 LOSS_TERMS = ("loss_itc", "loss_itm", "loss_softmask", "loss_mlm", "loss_bow")
@@ -142,8 +142,8 @@ class TrainConfig:
 
     The defaults are the project's main job: ``tiny`` on 16,384 synthetic shapes pairs, 1,200
     steps of 48 pairs, then evaluation on the 256 held-out pairs, started from the shipped tiny ViT
-    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; 524 s and 641 s in all in
-    two measurements, evaluation included, on the project's 2-core CPU). Model fields left at None keep the preset's value. ``epochs``, when
+    with local attention on both sides (the "shapes recipe", see :meth:`resolved`; 587 s in all, evaluation
+    included, on the project's quiet 2-core CPU). Model fields left at None keep the preset's value. ``epochs``, when
     set, replaces ``steps``: the run takes ``epochs`` passes over the training set. Every field is
     checked on construction (type and range); a bad one raises :class:`ConfigError` naming it.
     """
