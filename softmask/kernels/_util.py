@@ -1,6 +1,13 @@
 """Host-side helpers shared by the kernel launchers."""
 
+import os
+
 import torch
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def split_f32(x: float):

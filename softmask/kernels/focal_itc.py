@@ -75,8 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from softmask.kernels._util import split_f32
-from softmask.ops._common import interpreting
+from softmask.kernels._util import interpreting, split_f32
 from softmask.reference import EMPTY_ID
 
 # The id of an empty key slot inside the kernels (a compile-time constant).

@@ -6,18 +6,14 @@ fails at the public boundary and never inside a kernel.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from softmask.kernels._util import interpreting  # noqa: F401  (re-exported: ops decide on it too)
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run through Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available() -> bool:
