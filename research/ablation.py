@@ -1,9 +1,9 @@
 """Ablation of the paper's three parts on the embedded shapes data, at the default job's budget.
 
-    python -m benchmarks.ablation [--seeds 0 1 2] [--configs full no_softmask ...] [--jobs 2]
-    python -m benchmarks.ablation --render          # table and figure from the committed rows only
-    python -m benchmarks.ablation --suite recipe_800     # the recipe's first version (800 steps)
-    python -m benchmarks.ablation --suite from_scratch   # the earlier default's ablation (random-init ViT)
+    python -m research.ablation [--seeds 0 1 2] [--configs full no_softmask ...] [--jobs 2]
+    python -m research.ablation --render          # table and figure from the committed rows only
+    python -m research.ablation --suite recipe_800     # the recipe's first version (800 steps)
+    python -m research.ablation --suite from_scratch   # the earlier default's ablation (random-init ViT)
 
 Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 1,200 steps of 48 pairs, the
 shapes recipe: the shipped ViT and local attention on both sides, ITM on the clean caption, soft masks at
@@ -121,7 +121,7 @@ def run(args) -> None:
             config, seed = todo.pop(0)
             result = os.path.join(tmpdir, f"{config}-{seed}.json")
             out = os.path.join(args.runs, f"{config}-seed{seed}")
-            cmd = [sys.executable, "-m", "benchmarks.ablation", "--child-config", config, "--child-seed", str(seed),
+            cmd = [sys.executable, "-m", "research.ablation", "--child-config", config, "--child-seed", str(seed),
                    "--child-out", out, "--child-result", result, "--threads", str(args.threads),
                    "--extra", args.extra, "--suite", args.suite]
             os.makedirs(args.runs, exist_ok=True)
@@ -187,11 +187,11 @@ def render(results: str, suite: str = "recipe") -> str:
         lines.append(f"| {c} | {len(by[c])} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     md = ("# Ablation on the embedded shapes data\n\n"
-          "Written by `python -m benchmarks.ablation` from `ablation.json` (one row per config and seed). "
+          "Written by `python -m research.ablation` from `ablation.json` (one row per config and seed). "
           "Retrieval in % on the 256 held-out pairs (ITM rerank of the ITC top 16; `itc_*`: ITC alone); "
           "pointing game in % (shape words, colour words); ITM probe: mean match probability of held-out "
           "positives and hard negatives, clean and soft-masked. Mean ± sample std over seeds.\n\n"
-          + f"Suite `{suite}` (`python -m benchmarks.ablation --suite {suite}`); each configuration as overrides of "
+          + f"Suite `{suite}` (`python -m research.ablation --suite {suite}`); each configuration as overrides of "
             "the default job (`TrainConfig()`):\n\n"
           + "\n".join(f"- `{c}`: {_describe(c, by[c], configs)}" for c in order)
           + "\n\n" + table + "\n")
@@ -228,7 +228,7 @@ def _figure(by, order, png):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m research.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--suite", choices=list(SUITES), default="recipe",
                    help="recipe: the default job's ablation; recipe_800: the recipe before 2026-12-02's third session "

@@ -1,7 +1,7 @@
 """Retrieval fine-tuning of the pretrained tiny shapes runs, with and without positive ids.
 
-    python bench_results/finetune/finetune_runs.py [--jobs 2] [--variants ids no_ids] [--out-root DIR]
-    python bench_results/finetune/finetune_runs.py --render     # the table from the committed rows only
+    python -m research.finetune_runs [--jobs 2] [--variants ids no_ids] [--out-root DIR]
+    python -m research.finetune_runs --render     # the table from the committed rows only
 
 For every pretrained run (``--pretrained DIR:SEED``, default: the three pretrained default-config runs of
 seeds 0, 1 and 2) it re-evaluates the pretrained model with the current evaluation code (variant
@@ -19,7 +19,7 @@ The learning-rate check of the defaults (``lr_sweep.json``) fine-tunes the seed-
 that it trains on the seed-3 training split and is scored on the seed-3 held-out pairs, none of the three
 sets the table reports::
 
-    python bench_results/finetune/finetune_runs.py --pretrained /work/exp/default_seed0:3 \
+    python -m research.finetune_runs --pretrained /work/exp/default_seed0:3 \
         --variants pretrained ids --extra '--lr 5e-5' '' '--lr 2e-4' --out-root /work/exp/finetune_sweep \
         --results bench_results/finetune/lr_sweep.json
 """
@@ -34,7 +34,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join("bench_results", "finetune")
 PRETRAINED = ("/work/exp/default_seed0:0", "/work/exp/s_reg4_1:1", "/work/exp/s_reg4_2:2")
 VARIANTS = {"ids": [], "no_ids": ["--no-ids"]}
@@ -120,7 +120,7 @@ def render(rows: list, path: str) -> str:
     order = ("pretrained", "ids", "no_ids")
     cols = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "r_mean")
     lines = ["# Retrieval fine-tuning of the tiny shapes model", "",
-             "Written by `python bench_results/finetune/finetune_runs.py --render` from `finetune.json`. Recall in % on",
+             "Written by `python -m research.finetune_runs --render` from `finetune.json`. Recall in % on",
              "the 256 held-out shapes pairs of each seed (ITC ranking, ITM rerank of the top 16). `pretrained`: the",
              "pretrained run evaluated again with this code (its own `eval.json` gives the `pre_*` fields of every row);",
              "`ids` / `no_ids`: `softmask-finetune --checkpoint RUN --seed SEED --threads 1` with its defaults, with and",

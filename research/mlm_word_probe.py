@@ -1,6 +1,6 @@
 """Can a run's fusion encoder fill in a masked colour word, and a masked shape word, from the image?
 
-    python -m benchmarks.mlm_word_probe RUN_DIR
+    python -m research.mlm_word_probe RUN_DIR
 
 For every held-out shapes caption and every colour or shape word in it, that one token is
 replaced by [MASK] and the MLM head's logits at its position, restricted to the words of

@@ -1,7 +1,7 @@
 """Can a vision encoder learn the shapes data's shapes within the pretraining budget, given a
 direct label? Supervised multi-label training ("which shapes / colours are present").
 
-    python -m benchmarks.shape_learnability --steps 800 [--encoder vit|cnn] [--no-aug]
+    python -m research.shape_learnability --steps 800 [--encoder vit|cnn] [--no-aug]
         [--lr 5e-4] [--pool cls|max|mean] [--set vision_stem=conv --set patch_size=4 ...]
 
 The encoder is the ``tiny`` preset's ViT (with ``--set`` overrides of the model config) with a

@@ -1,6 +1,6 @@
 """Do a run's ViT tokens encode each object's shape and colour? A linear probe.
 
-    python -m benchmarks.shape_probe RUN_DIR [--train-items 1500] [--per-token]
+    python -m research.shape_probe RUN_DIR [--train-items 1500] [--per-token]
 
 For every object of ``--train-items`` training images (no augmentation) the final ViT patch
 tokens whose centres fall inside the object's box are averaged (``--per-token``: each such token is

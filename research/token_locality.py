@@ -1,14 +1,14 @@
 """How local are a ViT's patch tokens? A linear probe of the object's shape from tokens inside and away from it.
 
-    python -m benchmarks.token_locality WEIGHTS.safetensors [--radius 1]
-    python -m benchmarks.token_locality random [--radius 1]      # a randomly initialized ViT
+    python -m research.token_locality WEIGHTS.safetensors [--radius 1]
+    python -m research.token_locality random [--radius 1]      # a randomly initialized ViT
 
 On 512 held-out single-object images (:class:`softmask.data.shapes.ObjectsDataset`, seed 5, no
 augmentation), the tiny preset's ViT (``--radius``: ``vision_attn_radius``; default global
 attention) encodes each image; three features per image: the mean of the final patch tokens whose
 centres lie inside the object's box, of those outside it, and of those at least 12 px from it
 (Chebyshev distance from the patch centre to the box). A multinomial logistic regression (the
-probe of ``benchmarks.shape_probe``) fitted on the first half names the object's shape on the
+probe of ``research.shape_probe``) fitted on the first half names the object's shape on the
 second half. A token that carries only its own neighbourhood cannot name an object 12 px away;
 docs/TRAINING_NOTES.md H18, H19, H22.
 """
@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from benchmarks.shape_probe import linear_probe
+from research.shape_probe import linear_probe
 
 
 def locality(vit, n: int = 512, far_px: float = 12.0) -> dict:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from softmask.model.albef import build_vision_encoder
     from softmask.model.config import model_preset
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.token_locality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m research.token_locality", description=__doc__.split("\n")[0])
     p.add_argument("weights", help="a ViT .safetensors file of the tiny preset, or 'random'")
     p.add_argument("--radius", type=int, default=None, help="vision_attn_radius (default: global attention)")
     p.add_argument("--threads", type=int, default=1)

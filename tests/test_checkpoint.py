@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softmask.train import checkpoint as ck
+from softmask.runs import checkpoint as ck
 from softmask.train.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,3 +263,48 @@ def _kill_and_resume(rng, ref_out, out, procs):
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"weights differ from the uninterrupted run: {diff[:5]} (kills: {log})"
+
+
+# --------------------------------------------------------------------------- kill -9 in the metrics rewrite of a resume
+
+_KILL_IN_REWRITE = """
+import os, signal, sys
+real = os.replace
+def replace(src, dst, *a, **kw):  # SIGKILL at the rename that ends a resumed run's metrics rewrite
+    if os.path.basename(str(dst)) == "metrics.jsonl":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **kw)
+os.replace = replace
+from softmask.train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_in_the_metrics_rewrite_of_a_resume(tmp_path):
+    """A kill while a resumed run rewrites ``metrics.jsonl`` (keeping the rows up to its checkpoint) leaves
+    ``metrics.jsonl.tmp-<pid>`` beside the untouched old file; the next resume removes it, says so, and ends
+    with the metrics of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p])}
+    ref_out, out = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
+    cli = ["--save-every", "2", *TINY_CLI]
+
+    def run(*args, script=None):
+        cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "softmask.train", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    assert run("--steps", "4", "--out", ref_out, *cli).returncode == 0
+    first = run("--steps", "4", "--out", out, *cli)
+    assert first.returncode == 0, first.stderr
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # rows past the checkpoint, as a kill after step 3
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    killed = run("--steps", "4", "--out", out, "--resume", *cli, script=_KILL_IN_REWRITE)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [n for n in os.listdir(out) if n.startswith("metrics.jsonl.tmp-")]
+    assert len(left) == 1, os.listdir(out)
+    again = run("--steps", "4", "--out", out, "--resume", *cli)
+    assert again.returncode == 0, again.stderr
+    assert "removed 1 leftover(s)" in again.stderr and left[0] in again.stderr, again.stderr
+    assert not [n for n in os.listdir(out) if ".tmp-" in n], os.listdir(out)
+    keys = ("step", "loss", "loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
+    assert [[r[k] for k in keys] for r in _metrics(out)] == [[r[k] for k in keys] for r in _metrics(ref_out)]

@@ -17,7 +17,7 @@ from softmask.data.json_dataset import CaptionJsonError
 from softmask.eval import evaluate as ev
 from softmask.model import SoftMaskALBEF, model_preset
 from softmask.train.__main__ import config_from_argv
-from softmask.train.checkpoint import latest_checkpoint
+from softmask.runs.checkpoint import latest_checkpoint
 from softmask.train.finetune import main as finetune
 from softmask.train.loop import LOSS_TERMS, TrainConfig, train
 from tests.helpers import one_thread  # noqa: F401 (fixture)

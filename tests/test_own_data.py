@@ -19,7 +19,7 @@ from softmask.data.export import export_shapes
 from softmask.data.export import main as export_main
 from softmask.eval.__main__ import main as eval_main
 from softmask.train.__main__ import config_from_argv, main
-from softmask.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, rng_state, set_rng_state
+from softmask.runs.checkpoint import CheckpointError, latest_checkpoint, load_train_state, rng_state, set_rng_state
 from softmask.train.data import prepare_data
 from softmask.train.loop import TrainConfig, train
 from tests.helpers import one_thread  # noqa: F401 (fixture)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softmask.train.__main__ import main
-from softmask.train.checkpoint import latest_checkpoint
+from softmask.runs.checkpoint import latest_checkpoint
 from softmask.train.loop import LOSS_TERMS, NonFiniteLossError, TrainConfig, train
 
 TINY = dict(batch_size=4, train_size=24, log_every=1, save_every=2, progress=False, run_eval=False, warmup_steps=2,
@@ -83,6 +83,54 @@ def test_resume_is_exact(run4, tmp_path):
     a = load_file(os.path.join(run4, "checkpoints", "step_000004", "model.safetensors"))
     b = load_file(os.path.join(out, "checkpoints", "step_000004", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_more_steps_extends_the_run(run4, tmp_path, capsys):
+    """--resume with a larger --steps goes on from the finished run's last checkpoint to the new end, the
+    learning-rate schedule recomputed over the new total and the log saying so; steps 1-4 stay those of the run."""
+    from softmask.train.loop import _lr_lambda
+
+    out = str(tmp_path / "extended")
+    shutil.copytree(run4, out)
+    summary = train(TrainConfig(steps=7, out=out, resume=True, **TINY))
+    err = capsys.readouterr().err
+    assert summary["steps"] == 7
+    assert "resumed from" in err and "step 4" in err
+    assert "--resume with steps 7 (the run had steps 4): training goes on to step 7" in err, err
+    assert "recomputed over 7 steps" in err
+    rows = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+    assert sorted(rows) == list(range(1, 8))
+    assert {s: losses(out)[s] for s in range(1, 5)} == losses(run4)
+    cfg = TrainConfig(**TINY).resolved()
+    lam = _lr_lambda(cfg.warmup_steps, 7, cfg.min_lr_ratio)
+    for step in range(5, 8):  # the lr logged after step s is the one step s + 1 uses
+        assert rows[step]["lr"] == pytest.approx(cfg.lr * lam(step), rel=1e-12), (step, rows[step]["lr"])
+    assert rows[4]["lr"] != pytest.approx(cfg.lr * lam(4), rel=1e-6)  # the old schedule's, over 4 steps
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["train"]["steps"] == 7 and saved["total_steps"] == 7
+
+
+def test_resume_refuses_fewer_steps_and_other_settings(run4, tmp_path):
+    out = str(tmp_path / "shorter")
+    shutil.copytree(run4, out)
+    with pytest.raises(ValueError, match=r"steps: 4 in the checkpoint, 3 now.*a larger --steps or --epochs alone "
+                                         r"extends the run"):
+        train(TrainConfig(steps=3, out=out, resume=True, **TINY))
+    with pytest.raises(ValueError, match=r"lr: 0.0005 in the checkpoint, 0.001 now"):
+        train(TrainConfig(steps=8, lr=1e-3, out=out, resume=True, **TINY))
+
+
+def test_eval_says_once_that_it_falls_back(run4, tmp_path, capsys):
+    """A run whose ``latest`` pointer is gone: softmask-eval uses the newest complete checkpoint and says so once."""
+    from softmask.eval.__main__ import main as eval_main
+
+    out = str(tmp_path / "nopointer")
+    shutil.copytree(run4, out)
+    os.remove(os.path.join(out, "checkpoints", "latest"))
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", out, "--test-size", "8", "--k", "2", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("using the newest complete checkpoint") == 1, err
 
 
 def test_different_seed_differs(run4, tmp_path):

@@ -213,7 +213,7 @@ def test_shipped_vit_loads_into_the_tiny_model_and_names_shapes():
         x = torch.stack([ds[i]["image"] for i in range(len(ds))])
         feats = vit.forward_features(x)[:, vit.num_prefix_tokens:].amax(1)
     y = torch.tensor([ds[i]["shape"] for i in range(len(ds))])
-    from benchmarks.shape_probe import linear_probe
+    from research.shape_probe import linear_probe
 
     assert linear_probe(feats[:100], y[:100], feats[100:], y[100:], len(SHAPES)) >= 0.8
 
@@ -289,7 +289,7 @@ def test_caption_holds():
 
 
 def test_token_locality_probe_runs_on_a_small_set():
-    from benchmarks.token_locality import locality, main as locality_main
+    from research.token_locality import locality, main as locality_main
     from softmask.model.albef import build_vision_encoder
     from softmask.model.config import model_preset
 
@@ -304,7 +304,7 @@ def test_token_locality_probe_runs_on_a_small_set():
 def test_shape_probe_features_per_box_and_per_token():
     """``object_features``: one row per object (the mean of the tokens inside its box) or, ``per_token``, one row per
     such token with its object's labels; the mean of an object's per-token rows is its per-box row."""
-    from benchmarks.shape_probe import object_features
+    from research.shape_probe import object_features
     from softmask.data import build_dataset
     from softmask.model import model_preset
 

@@ -51,9 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     from softmask.eval.evaluate import evaluate_run
-    from softmask.train.checkpoint import latest_checkpoint, load_checkpoint_config
-    from softmask.train.data import ConfigError, annotate_eval, check_test_json, eval_target, print_notes
-    from softmask.train.loop import check_device
+    from softmask.runs.checkpoint import latest_checkpoint, load_checkpoint_config
+    from softmask.runs.datasets import annotate_eval, check_test_json, eval_target
+    from softmask.runs.device import check_device
+    from softmask.runs.errors import ConfigError, print_notes
 
     flags = {"data": "--data", "test_data": "--data", "image_root": "--image-root", "test_image_root": "--image-root",
              "device": "--device"}
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
             raise ConfigError("test_size", a.test_size, "expected a positive integer")
         if a.seed is not None and a.seed < 0:
             raise ConfigError("seed", a.seed, "expected a non-negative integer")
-        ckpt = latest_checkpoint(a.checkpoint)
+        ckpt = latest_checkpoint(a.checkpoint, warn=False)  # evaluate_run says so when it falls back
         if ckpt is None:
             raise FileNotFoundError(
                 f"--checkpoint {a.checkpoint}: no checkpoint there (expected a run directory with checkpoints/latest, "

@@ -40,17 +40,18 @@ import torch
 
 import softmask
 from softmask.model import ModelConfig, SoftMaskALBEF
-from softmask.train.checkpoint import latest_checkpoint, load_model_weights
+from softmask.runs.checkpoint import latest_checkpoint, load_model_weights
 
 __all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate", "itm_probe",
            "pointing_subset", "soft_masked_embeds", "encode_set", "EncodedSet"]
 
 
-def load_model(checkpoint: str, device="cpu"):
-    """``(model, tokenizer, run_config, ckpt_dir)`` from a run directory or a checkpoint directory."""
+def load_model(checkpoint: str, device="cpu", *, warn: bool = True):
+    """``(model, tokenizer, run_config, ckpt_dir)`` from a run directory or a checkpoint directory. ``warn``:
+    say on stderr when the run's ``latest`` pointer is broken and the newest complete checkpoint is used."""
     from softmask.data import get_tokenizer, load_tokenizer
 
-    ckpt = latest_checkpoint(checkpoint)
+    ckpt = latest_checkpoint(checkpoint, warn=warn)
     if ckpt is None:
         raise FileNotFoundError(
             f"checkpoint: no checkpoint in {checkpoint!r} (expected a run directory with checkpoints/latest, "
@@ -485,9 +486,9 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     from softmask.eval.plots import plot_loss_curves
 
     device = torch.device(device)
-    ckpt = latest_checkpoint(checkpoint)
+    ckpt = latest_checkpoint(checkpoint)  # the one place that says so when it falls back
     if model is None:
-        model, tokenizer, run_cfg, ckpt = load_model(checkpoint, device)
+        model, tokenizer, run_cfg, ckpt = load_model(checkpoint, device, warn=False)
     else:
         with open(os.path.join(ckpt, "config.json")) as f:
             run_cfg = json.load(f)
@@ -506,7 +507,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     res["checkpoint"] = os.path.abspath(ckpt)
     res["data"] = spec
     res.update(extra or {})
-    run_dir = checkpoint if latest_checkpoint(checkpoint) != checkpoint else os.path.dirname(os.path.dirname(ckpt))
+    run_dir = checkpoint if latest_checkpoint(checkpoint, warn=False) != checkpoint else os.path.dirname(os.path.dirname(ckpt))
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if plots and os.path.exists(metrics):
         plot_loss_curves(metrics, os.path.join(plot_dir, "loss_curves.png"))

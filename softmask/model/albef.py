@@ -41,7 +41,6 @@ fusion pass over the masked caption's text states.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch

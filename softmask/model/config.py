@@ -17,7 +17,7 @@ the method; :func:`model_preset` gives the two presets:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 __all__ = ["ModelConfig", "model_preset", "PRESETS"]

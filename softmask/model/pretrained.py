@@ -21,12 +21,52 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load_pretrained", "bert_key_map"]
+__all__ = ["load_pretrained", "bert_key_map", "read_checkpoint_file", "fit_pos_embed"]
+
+
+def read_checkpoint_file(path: str, *, what: str = "checkpoint") -> dict:
+    """The state dict held by ``path`` (``.safetensors``, or a ``torch.save`` file whose dict may
+    wrap it under ``model`` / ``state_dict`` / ``module``), read without running any code.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (one line, naming the
+    file) for one that is truncated, tampered with, or not a state dict.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: expected a file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: {path!r} is not a file")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{what}: {path!r} is not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (refused global: a tampered file), EOFError/RuntimeError (truncated)
+        raise ValueError(
+            f"{what}: {path!r} could not be read as plain tensors with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {_first_line(e)}); it is truncated, not a checkpoint, or holds objects "
+            f"that would run code, which are never loaded"
+        ) from None
+    for k in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(k), dict):
+            obj = obj[k]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{what}: {path!r} holds no state dict (expected a dict of tensors, optionally under 'model')")
+    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
 
 
 def _load_state(path: str) -> dict:
-    from softmask.model.albef_checkpoint import read_checkpoint_file
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained weights: {path!r} does not exist (weights load only from local paths)")
     return read_checkpoint_file(path, what="pretrained weights")

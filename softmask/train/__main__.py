@@ -25,7 +25,7 @@ import json
 import os
 import sys
 
-from softmask.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_config
+from softmask.runs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_config
 from softmask.train.loop import (
     PROGS,
     TASK_DEFAULTS,

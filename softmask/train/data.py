@@ -25,10 +25,8 @@ evaluated on its training data, and the log and ``eval.json``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,45 +34,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SeededItems", "EpochBatches", "batch_stream", "mix_seed", "ConfigError", "NO_VALUE", "prepare_data",
-           "PreparedData", "eval_target", "annotate_eval", "check_test_json", "HOLDOUT_FILE"]
+# the settings' error and the checked JSON sets live one floor down (evaluation reads them too); re-exported here
+from softmask.runs.datasets import (HOLDOUT_FILE, annotate_eval, check_test_json, eval_target,
+                                    dropped_note as _dropped_note, load_json_set as _load_json_set, root_of as _root_of,
+                                    write_json_atomic as _write_json_atomic)
+from softmask.runs.errors import NO_VALUE, ConfigError, print_notes
 
-HOLDOUT_FILE = "heldout.json"
+__all__ = ["SeededItems", "EpochBatches", "batch_stream", "mix_seed", "ConfigError", "NO_VALUE", "prepare_data",
+           "PreparedData", "eval_target", "annotate_eval", "check_test_json", "HOLDOUT_FILE", "print_notes"]
+
 # fewest images a JSON training set needs for a hold-out (a tenth of them, at least 2 images, are held out)
 _HOLDOUT_MIN_IMAGES = 20
-NO_VALUE = object()  # a ConfigError about a setting whose value is not worth repeating (e.g. --resume)
-
-
-def _show(value) -> str:
-    """A value as the user would type it: strings bare, unless empty, with spaces, or looking like a
-    number or a boolean (then quoted, so that ``'5'`` reads as the string it is)."""
-    if isinstance(value, str):
-        try:
-            float(value)
-            numeric = True
-        except ValueError:
-            numeric = False
-        plain = value and not any(c.isspace() for c in value) and not numeric and value.lower() not in (
-            "true", "false", "null", "none")
-        return value if plain else repr(value)
-    return repr(value)
-
-
-class ConfigError(ValueError):
-    """A bad setting of a run: the :class:`~softmask.train.loop.TrainConfig` field, the value and what
-    was expected. ``str(e)`` is ``"<field> = <value>: <message>"``; the command line names the flag (or
-    the config file key) instead of the field (:meth:`render`)."""
-
-    def __init__(self, field: str, value, message: str):
-        self.field, self.value, self.message = field, value, message
-        super().__init__(self.render(field))
-
-    def render(self, where: str, *, flag: bool = False) -> str:
-        """The one-line message with ``where`` naming the setting: ``--batch-size 1: ...`` for a flag
-        (``flag``), ``where = value: ...`` otherwise."""
-        if self.value is NO_VALUE:
-            return f"{where}: {self.message}"
-        return f"{where} {_show(self.value)}: {self.message}" if flag else f"{where} = {_show(self.value)}: {self.message}"
 
 
 def mix_seed(*parts: int) -> int:
@@ -189,60 +159,10 @@ class PreparedData:
     notes: list
 
 
-def _load_json_set(field: str, path: str, image_root: Optional[str], transform, *, open_images: bool):
-    """A caption-JSON data set with its missing (``open_images``: or unidentifiable) images dropped.
-    Returns ``(dataset, dropped_paths, n_images)``; bad files raise :class:`ConfigError` on ``field``."""
-    from softmask.data.json_dataset import CaptionJsonDataset, CaptionJsonError
-
-    if not os.path.isfile(path):
-        raise ConfigError(field, path, "no such file (expected a caption JSON file: a list of "
-                                       "{\"image\": path, \"caption\": text or [texts]})")
-    if image_root is not None and not os.path.isdir(image_root):
-        root_field = "image_root" if field == "data" else "test_image_root"
-        raise ConfigError(root_field, image_root, "no such directory (expected the folder the JSON's image paths "
-                                                  "are relative to)")
-    try:
-        ds = CaptionJsonDataset(path, image_root=image_root, transform=transform)
-    except CaptionJsonError as e:
-        raise ConfigError(field, path, e.detail) from None
-    n_images = len(ds.image_paths)
-    if n_images == 0:
-        raise ConfigError(field, path, "the JSON list is empty (expected at least one {\"image\", \"caption\"} "
-                                       "entry)")
-    ds, dropped = ds.drop_missing(open_images=open_images)
-    if len(ds.image_paths) == 0:
-        what = "missing or unreadable" if open_images else "missing"
-        raise ConfigError(field, path, f"no images left: all {n_images} images are {what} (first: {dropped[0]}); "
-                                       f"expected image files at the entries' paths, relative to "
-                                       f"{'--image-root' if field == 'data' else '--test-image-root'} or else to "
-                                       f"the JSON file's folder")
-    return ds, dropped, n_images
-
-
-def check_test_json(field: str, path: str, image_root: Optional[str]) -> list:
-    """Check a caption JSON that a run is evaluated on: it exists, parses, and at least one of its images
-    exists and has a header PIL can identify. Returns lines about the images dropped (for the log)."""
-    _, dropped, n = _load_json_set(field, path, image_root, None, open_images=True)
-    return [_dropped_note(field, path, dropped, n)] if dropped else []
-
-
-def _dropped_note(field: str, path: str, dropped: list, n: int) -> str:
-    flag = "--" + field.replace("_", "-")
-    return (f"{flag} {path}: {len(dropped)} of {n} images are missing or unreadable and were left out "
-            f"(first: {dropped[0]})")
-
-
 def _holdout_ids(names: list, k: int) -> list:
     """The ``k`` image ids whose names hash lowest (SHA-1 of the path as written in the JSON)."""
     keyed = sorted(range(len(names)), key=lambda i: (hashlib.sha1(names[i].encode("utf-8")).hexdigest(), i))
     return sorted(keyed[:k])
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def prepare_data(cfg, image_size: int, out: str, *, write: bool = True) -> PreparedData:
@@ -288,40 +208,3 @@ def prepare_data(cfg, image_size: int, out: str, *, write: bool = True) -> Prepa
                  f"numbers measure how well the training pairs were fit, not how the model generalizes "
                  f"(eval.json says \"eval_on_training_data\": true). Give --test-data PATH.json for held-out numbers")
     return PreparedData(ds, cfg.data, _root_of(cfg.data, cfg.image_root), "train", notes)
-
-
-def _root_of(json_path: str, image_root: Optional[str]) -> str:
-    """The folder a JSON's relative image paths are read from (``image_root``, else the JSON's folder)."""
-    return image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
-
-
-def eval_target(run_train_cfg: dict, run_dir: str) -> tuple:
-    """``(data, image_root, split)`` that a finished run is evaluated on by default: its ``test_data``,
-    else the images held out of its training JSON (``<run_dir>/heldout.json``), else its training data
-    (``"shapes"``: the shapes held-out split)."""
-    test = run_train_cfg.get("test_data")
-    if test:
-        return test, _root_of(test, run_train_cfg.get("test_image_root")), "test"
-    data = run_train_cfg.get("data", "shapes")
-    if data == "shapes":
-        return "shapes", None, "shapes_test"
-    held = os.path.join(run_dir, HOLDOUT_FILE)
-    if os.path.isfile(held):
-        return held, os.path.dirname(os.path.abspath(held)), "heldout"
-    return data, _root_of(data, run_train_cfg.get("image_root")), "train"
-
-
-def annotate_eval(eval_json: str, data: str, split: str) -> dict:
-    """Add what the numbers of ``eval_json`` were computed on: ``eval_data`` (the data set),
-    ``eval_split`` (``"test"``, ``"heldout"``, ``"train"``, ``"shapes_test"`` or ``"given"``) and
-    ``eval_on_training_data``. Rewrites the file atomically; returns the annotated results."""
-    with open(eval_json, encoding="utf-8") as f:
-        res = json.load(f)
-    res.update(eval_data=data, eval_split=split, eval_on_training_data=split == "train")
-    _write_json_atomic(eval_json, res)
-    return res
-
-
-def print_notes(notes, prog: str = "softmask-pretrain") -> None:
-    for line in notes:
-        print(f"{prog}: {line}", file=sys.stderr)
