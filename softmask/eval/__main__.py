@@ -44,7 +44,8 @@ def main(argv=None) -> int:
                    help="directory the --data image paths are relative to (default: that JSON's folder)")
     p.add_argument("--test-size", type=int, default=None, help="shapes held-out items (default: 256)")
     p.add_argument("--seed", type=int, default=None,
-                   help="shapes: the held-out split of this seed (default: the run's own seed)")
+                   help="shapes: the held-out split of this seed (default: the run's data seed, --data-seed, "
+                   "else its --seed)")
     p.add_argument("--k", type=int, default=16, help="top-k of the ITC ranking rescored by the ITM head")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="where eval.json and plots/ go (default: the run directory)")

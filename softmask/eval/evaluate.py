@@ -46,6 +46,11 @@ __all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evalu
            "pointing_subset", "soft_masked_embeds", "encode_set", "EncodedSet"]
 
 
+def _data_seed(train_cfg: dict) -> int:
+    """The seed of a run's data (its ``data_seed``, else its ``seed``): the shapes held-out split it is scored on."""
+    return train_cfg["seed"] if train_cfg.get("data_seed") is None else train_cfg["data_seed"]
+
+
 def load_model(checkpoint: str, device="cpu", *, warn: bool = True):
     """``(model, tokenizer, run_config, ckpt_dir)`` from a run directory or a checkpoint directory. ``warn``:
     say on stderr when the run's ``latest`` pointer is broken and the newest complete checkpoint is used."""
@@ -499,7 +504,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     if image_root is None and spec == tcfg["data"]:
         image_root = tcfg.get("image_root")
     ds = build_dataset(spec, "test", model.cfg.image_size, train=False, image_root=image_root,
-                       seed=tcfg["seed"] if seed is None else seed, size=test_size if spec == "shapes" else None)
+                       seed=_data_seed(tcfg) if seed is None else seed, size=test_size if spec == "shapes" else None)
     plot_dir = os.path.join(out_dir, "plots")
     res = evaluate(model, tokenizer, ds, k=k, device=device,
                    overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None,

@@ -136,7 +136,11 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                                                    "of --vit-checkpoint auto, else global attention, BERT's") + ")")
     p.add_argument("--temp-lr-scale", type=float, default=d.temp_lr_scale,
                    help="learning rate of the ITC temperature relative to --lr")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="the model's initialization and each step's randomness, "
+                   "and the data's too unless --data-seed is given")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="the data's seed (default: --seed): the shapes training and held-out items, the batch order "
+                   "and the image distortions")
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--impl", choices=("fused", "reference"), default=d.impl,
                    help="fused ops and SDPA attention, or the plain-PyTorch references and eager attention")

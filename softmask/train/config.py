@@ -114,6 +114,10 @@ class TrainConfig:
     # ViT fine-tuned at a tenth of the lr, docs/TRAINING_NOTES.md H20), else 1.0
     vision_lr_scale: Optional[float] = None
     seed: int = 0
+    # the data's seed (None: ``seed``): the shapes training and held-out items, the order of the batches and the
+    # image distortions; ``seed`` alone then sets the model's initialization and each step's randomness (the masked
+    # tokens, the hard negatives, the soft-masked words), so that the two causes of a seed's result can be told apart
+    data_seed: Optional[int] = None
     out: str = "runs/softmask-tiny"
     impl: str = "fused"  # "fused": default op backends + SDPA; "reference": backend="reference" + eager attention
     device: Optional[str] = None
@@ -203,7 +207,8 @@ class TrainConfig:
             raise ConfigError("data", self.data, "expected 'shapes' or a caption JSON file (a path ending in .json)")
         if self.test_data is not None and not self.test_data.lower().endswith(".json"):
             raise ConfigError("test_data", self.test_data, "expected a caption JSON file (a path ending in .json)")
-        for name in ("pointing_every", "pointing_size", "num_workers", "warmup_steps", "seed", "holdout"):
+        for name in ("pointing_every", "pointing_size", "num_workers", "warmup_steps", "seed", "holdout",
+                     "data_seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "expected a non-negative integer")
         for name in ("steps", "log_every", "save_every", "eval_k", "epochs", "train_size", "test_size", "threads",
@@ -286,6 +291,11 @@ class TrainConfig:
             op_backend="reference" if reference else "auto",
             **over,
         )
+
+    @property
+    def data_rng_seed(self) -> int:
+        """The seed of the data (``data_seed``, else ``seed``)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -178,7 +178,7 @@ def prepare_data(cfg, image_size: int, out: str, *, write: bool = True) -> Prepa
     if cfg.test_data is not None:
         notes += check_test_json("test_data", cfg.test_data, cfg.test_image_root)
     if cfg.data == "shapes":
-        ds = build_dataset("shapes", "train", image_size, train=True, seed=cfg.seed, size=cfg.train_size,
+        ds = build_dataset("shapes", "train", image_size, train=True, seed=cfg.data_rng_seed, size=cfg.train_size,
                            distort=cfg.image_aug)
         if cfg.test_data is not None:
             return PreparedData(ds, cfg.test_data, _root_of(cfg.test_data, cfg.test_image_root), "test", notes)

@@ -439,7 +439,7 @@ class _Loop:
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         self.watch = _pointing_watch(cfg, proc, model, tokenizer)
         self.stream = batch_stream(dataset, Collator(tokenizer, cfg.max_len), batch_size=cfg.batch_size,
-                                   seed=cfg.seed, cursor=state.cursor, rank=proc.rank, world=proc.world,
+                                   seed=cfg.data_rng_seed, cursor=state.cursor, rank=proc.rank, world=proc.world,
                                    num_workers=auto_num_workers(proc.device.type) if cfg.num_workers is None
                                    else cfg.num_workers)
         self.ramp = cfg.alpha_ramp_steps if cfg.alpha_ramp_steps is not None else max(1, total_steps // 5)
@@ -607,7 +607,8 @@ def _pointing_watch(cfg: TrainConfig, proc: Process, model, tokenizer):
     from softmask.data import build_dataset
     from softmask.eval.evaluate import pointing_subset
 
-    watch = build_dataset("shapes", "test", model.cfg.image_size, train=False, seed=cfg.seed, size=cfg.pointing_size)
+    watch = build_dataset("shapes", "test", model.cfg.image_size, train=False, seed=cfg.data_rng_seed,
+                          size=cfg.pointing_size)
 
     def pointing() -> dict:
         res = pointing_subset(model, tokenizer, watch, device=proc.device)
