@@ -63,13 +63,14 @@ def focal_itc_rows_reference(
     alpha: float = 0.0,
     ids: Optional[torch.Tensor] = None,
     key_ids=None,
+    pos_offset: int = 0,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Per-row focal contrastive loss of one direction, ``[B]``.
 
     ``z = query @ keys.T / t``, ``p = softmax(z)``, targets
     ``q = alpha * softmax(query_m @ keys.T / t) + (1 - alpha) * onehot`` (row i's
-    positive is key i), ``L_i = -sum_j q_ij (1 - p_ij)^gamma log p_ij``. With ``ids``
+    positive is key ``pos_offset + i``), ``L_i = -sum_j q_ij (1 - p_ij)^gamma log p_ij``. With ``ids``
     [B] and ``key_ids`` [N] the one-hot part is :func:`positive_targets_reference`
     (uniform over the keys whose id equals the row's; zero for a row with none).
     With ``upcast`` the math runs in float32 (float64 stays float64). ``keys`` (and
@@ -86,7 +87,7 @@ def focal_itc_rows_reference(
     # gradient there is 0, which the clamp's zero gradient gives).
     om = (-torch.expm1(logp)).clamp_min(torch.finfo(dt).tiny)
     if ids is None:
-        targets = F.one_hot(torch.arange(B, device=query.device), keys.shape[0]).to(dt)
+        targets = F.one_hot(torch.arange(B, device=query.device) + pos_offset, keys.shape[0]).to(dt)
     else:
         targets = positive_targets_reference(ids, key_ids, dt)
     if alpha > 0:
@@ -109,6 +110,7 @@ def focal_itc_loss_reference(
     alpha: float = 0.0,
     ids: Optional[torch.Tensor] = None,
     key_ids=None,
+    pos_offset: int = 0,
     reduction: str = "mean",
     upcast: bool = True,
 ) -> torch.Tensor:
@@ -116,15 +118,16 @@ def focal_itc_loss_reference(
     :func:`softmask.focal_itc_loss` (key banks and key ids: tensors or sequences of
     parts, which are concatenated). Builds the ``[B, N]`` logits and, with ``ids``, the
     ``[B, N]`` positive mask. ``key_ids`` serves both key banks; in CLIP mode the keys'
-    ids are ``ids``."""
+    ids are ``ids``. Key banks that require grad receive it (the public op detaches
+    them unless ``key_grad``); row i's positive is key ``pos_offset + i``."""
     if text_keys is None and image_keys is None:  # CLIP mode: in-batch keys, gradient into both
         text_keys, image_keys = text_feat, image_feat
         key_ids = ids
     rows = 0.5 * (
         focal_itc_rows_reference(image_feat, text_keys, temperature, gamma=gamma, query_m=image_feat_m,
-                                 alpha=alpha, ids=ids, key_ids=key_ids, upcast=upcast)
+                                 alpha=alpha, ids=ids, key_ids=key_ids, pos_offset=pos_offset, upcast=upcast)
         + focal_itc_rows_reference(text_feat, image_keys, temperature, gamma=gamma, query_m=text_feat_m,
-                                   alpha=alpha, ids=ids, key_ids=key_ids, upcast=upcast)
+                                   alpha=alpha, ids=ids, key_ids=key_ids, pos_offset=pos_offset, upcast=upcast)
     )
     if reduction == "mean":
         return rows.mean()

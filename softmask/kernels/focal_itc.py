@@ -54,7 +54,7 @@ A split holding only padding (possible when a split count is forced) stores
 Split 0 always holds key 0, so ``m`` is finite.
 
 The CLIP-mode key gradient ``dK_k = sum_i w_i (p_ik S_i - q_ik g_ik) Q_i / tau`` (one-hot
-targets: ``q_ik g_ik = [i == k] g_ii``; with ids ``[ids_i == ids_k] g_ik / c_i``, ``g``
+targets: ``q_ik g_ik = [k == i + pos_offset] g_ii``; with ids ``[ids_i == ids_k] g_ik / c_i``, ``g``
 recomputed at the matched entries) sums over the query rows, so its split is over the
 rows: programs over (block of keys) x (split of rows) write ``[SPLITS, N, D]`` partial
 sums that one ``sum(0)`` merges.
@@ -189,7 +189,7 @@ def _merged_lse(PM, PS, rows, rmask, n_splits, stride_ps, ACC: tl.constexpr, BLO
 @triton.jit
 def _focal_itc_sweep1_kernel(
     Q, QM, K0, K1, TAU, RID, KID0, KID1, PSTAT, PACC,
-    B, N, N0, D, keys_per_split,
+    B, N, N0, D, keys_per_split, pos_offset,
     stride_qb, stride_qd, stride_qmb, stride_qmd, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
     stride_rid, stride_kid0, stride_kid1,
     stride_pstat, stride_ps, stride_pas, stride_pab,
@@ -240,7 +240,7 @@ def _focal_itc_sweep1_kernel(
         else:
             # The positive's logit from the same tile as the max, so that a saturated row
             # gives log p_ii == 0 exactly (a separate dot product could round differently).
-            z_ii += tl.sum(tl.where(cols[None, :] == rows[:, None], z, 0.0), 1)
+            z_ii += tl.sum(tl.where(cols[None, :] == rows[:, None] + pos_offset, z, 0.0), 1)
         acc_pk = acc_pk * scale[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
         if HAS_TARGETS:
@@ -266,7 +266,7 @@ def _focal_itc_sweep1_kernel(
 @triton.jit
 def _focal_itc_sweep2_kernel(
     Q, QM, K0, K1, TAU, RID, KID0, KID1, PSTAT, P2STAT, P2ACC,
-    B, N, N0, D, keys_per_split, n_splits,
+    B, N, N0, D, keys_per_split, n_splits, pos_offset,
     stride_qb, stride_qd, stride_qmb, stride_qmd, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
     stride_rid, stride_kid0, stride_kid1,
     stride_pstat, stride_ps, stride_pas, stride_pab,
@@ -326,7 +326,7 @@ def _focal_itc_sweep2_kernel(
             # queue slots give the bits of the one-hot line below.
             tgt = tgt + tl.where(_id_match(rid, kid), w_pos[:, None], 0.0)
         else:
-            tgt = tl.where(cols[None, :] == rows[:, None], tgt + (1.0 - alpha), tgt)
+            tgt = tl.where(cols[None, :] == rows[:, None] + pos_offset, tgt + (1.0 - alpha), tgt)
         tgt = tl.where(cmask[None, :], tgt, 0.0)
         loss -= tl.sum(tgt * t * l, 1)
         qg = tgt * g
@@ -345,7 +345,7 @@ def _focal_itc_sweep2_kernel(
 def _focal_itc_combine_kernel(
     PSTAT, PACC, P2STAT, P2ACC, K0, K1, TAU,
     LOSS, DQ, DTAU, STATS,
-    B, N0, D, n_splits,
+    B, N0, D, n_splits, pos_offset,
     stride_pstat, stride_ps, stride_pas, stride_pab, stride_k0n, stride_k0d, stride_k1n, stride_k1d,
     stride_dqb, stride_sb,
     gamma_hi, gamma_lo,
@@ -408,8 +408,8 @@ def _focal_itc_combine_kernel(
         loss = -t_ii * l_ii
         s_row = g_ii
         qgz = g_ii * z_ii
-        k_diag = _load_keys(K0, K1, rows, offs_d, stride_k0n, stride_k0d, stride_k1n, stride_k1d, N0, B, D,
-                            TWO_PARTS, False)
+        k_diag = _load_keys(K0, K1, rows + pos_offset, offs_d, stride_k0n, stride_k0d, stride_k1n, stride_k1d, N0,
+                            B + pos_offset, D, TWO_PARTS, False)
         qgk = g_ii[:, None] * k_diag.to(ACC)
     dq = (s_row[:, None] * pk - qgk) * inv_tau
     tl.store(DQ + rows[:, None] * stride_dqb + offs_d[None, :], dq, mask=qd_mask)
@@ -425,7 +425,7 @@ def _focal_itc_combine_kernel(
 @triton.jit
 def _focal_itc_key_grad_kernel(
     Q, K, TAU, STATS, W, W_SCALE, RID, KID, DK,
-    B, N, D, rows_per_split,
+    B, N, D, rows_per_split, pos_offset,
     stride_qb, stride_qd, stride_kn, stride_kd, stride_dks, stride_dkn, stride_sb, stride_rid, stride_kid,
     gamma_hi, gamma_lo,
     HAS_IDS: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -467,7 +467,7 @@ def _focal_itc_key_grad_kernel(
             _, g = _focal_terms(l, tl.exp(l), gamma, ACC == tl.float64)
             dz = p * s_row[:, None] - tl.where(match, g * inv_cnt[:, None], 0.0)
         else:
-            dz = p * s_row[:, None] - tl.where(rows[:, None] == cols[None, :], g_ii[:, None], 0.0)
+            dz = p * s_row[:, None] - tl.where(rows[:, None] + pos_offset == cols[None, :], g_ii[:, None], 0.0)
         dz = dz * w[:, None]
         acc += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * (inv_tau * tl.load(W_SCALE).to(ACC))
@@ -624,14 +624,15 @@ def _key_id_parts(key_ids, n0: int, N: int, two_parts: bool):
 
 
 def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None,
-                               splits: Optional[int] = None):
+                               pos_offset: int = 0, splits: Optional[int] = None):
     """One direction of the focal ITC loss with its gradients, never building [B, N].
 
     Args: ``q`` [B, D]; ``keys`` a [N, D] tensor or a sequence of up to
     :data:`MAX_PARTS` tensors [N_p, D] read as their concatenation (no copy);
     ``qm`` [B, D] or None (one-hot targets); ``tau`` 0-dim tensor on the same device;
     ``ids`` [B] int64 row ids and ``key_ids`` the keys' int64 ids (a [N] tensor or one
-    [N_p] tensor per key part), or both None (row i's positive is key i).
+    [N_p] tensor per key part), or both None (row i's positive is key ``pos_offset + i``,
+    ``N >= pos_offset + B``).
     ``splits`` (tests) forces the number of key splits. Returns ``loss`` [B], ``dq``
     [B, D] (``dL_i/dQ_i``), ``dtau`` [B] (``dL_i/dtau``) and ``stats`` [4, B]
     (lse, S, g_ii, positive count; with ids g_ii is 0, without the count is 1), all
@@ -664,7 +665,7 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
     grid = (triton.cdiv(B, blocks["BLOCK_M"]), n_splits)
     _focal_itc_sweep1_kernel[grid](
         q, qm_, k0, k1, tau, rid, kid0, kid1, pstat, pacc,
-        B, N, n0, D, keys_per_split,
+        B, N, n0, D, keys_per_split, pos_offset,
         q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
         pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1),
         HAS_TARGETS=has_targets, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks, **launch,
@@ -672,7 +673,7 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
     if two_sweeps:
         _focal_itc_sweep2_kernel[grid](
             q, qm_, k0, k1, tau, rid, kid0, kid1, pstat, p2stat, p2acc,
-            B, N, n0, D, keys_per_split, n_splits,
+            B, N, n0, D, keys_per_split, n_splits, pos_offset,
             q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
             pstat.stride(0), pstat.stride(1), p2acc.stride(0), p2acc.stride(1),
             *split_f32(gamma), *split_f32(alpha),
@@ -687,7 +688,7 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
     _focal_itc_combine_kernel[cgrid](
         pstat, pacc, p2stat, p2acc, k0, k1, tau,
         loss, dq, dtau, stats,
-        B, n0, D, n_splits,
+        B, n0, D, n_splits, pos_offset,
         pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1), *key_args,
         dq.stride(0), stats.stride(0),
         *split_f32(gamma),
@@ -713,12 +714,13 @@ def _key_grad_plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.dev
 
 
 def focal_itc_key_grad_triton(q, k, tau, stats, w, *, ids=None, key_ids=None, gamma: float = 0.0,
-                              splits: Optional[int] = None):
+                              pos_offset: int = 0, splits: Optional[int] = None):
     """Gradient with respect to the keys for targets without momentum (CLIP mode):
     ``dK = sum_i w_i dL_i/dK`` as float32 [N, D] (float64 for float64 inputs). ``stats``
     from :func:`focal_itc_direction_triton` of the same ``q``, ``k``, ids and ``gamma``;
     ``ids`` [B] / ``key_ids`` [N] (int64) select positives by id (``gamma`` is then
-    needed to recompute ``g`` at them). ``splits`` (tests) forces the number of row splits."""
+    needed to recompute ``g`` at them); without ids row i's positive is key
+    ``pos_offset + i``. ``splits`` (tests) forces the number of row splits."""
     B, D = q.shape
     N = k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -734,7 +736,7 @@ def focal_itc_key_grad_triton(q, k, tau, stats, w, *, ids=None, key_ids=None, ga
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), n_splits)
     _focal_itc_key_grad_kernel[grid](
         q, k, tau, stats, w, w_scale, rid, kid, part,
-        B, N, D, rows_per_split,
+        B, N, D, rows_per_split, pos_offset,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), part.stride(0), part.stride(1), stats.stride(0),
         rid.stride(0), kid.stride(0),
         *split_f32(gamma),

@@ -29,7 +29,7 @@ from softmask.ops._common import (
     resolve_backend,
 )
 
-__all__ = ["focal_itc_loss", "FocalITCLoss"]
+__all__ = ["focal_itc_loss", "FocalITCLoss", "release_workspace"]
 
 # A key bank: one [N, D] tensor or a sequence of [N_p, D] tensors read as their concatenation.
 KeyBank = Union[Tensor, Sequence[Tensor]]
@@ -54,6 +54,9 @@ TORCH_TILED_BLOCK_ELEMS = 1 << 24
 # The momentum-target path tiled over the keys (False: the row-block path, kept as the
 # tiled path's reference in tests/test_focal_itc_ids.py::test_torch_key_tiles).
 TILED_TARGETS = True
+# The one-hot path (no momentum targets, no ids) tiled over the keys likewise (False: the
+# row-block path, kept as its reference in tests/test_focal_itc_clip.py).
+TILED_ONEHOT = True
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -75,21 +78,43 @@ def _focal_terms_torch(l: Tensor, p: Tensor, gamma: float) -> Tuple[Tensor, Tens
 
 _WORKSPACE = threading.local()
 
+# Largest scratch buffer the CPU workspace keeps between calls (per thread and dtype). The
+# paths of this file ask for at most 132 MiB (the momentum-target path's two stored fp32
+# blocks and four tiles), so every call at the default block sizes is served from the
+# cache; a larger request (block sizes raised by hand) is allocated for that call only.
+WORKSPACE_CACHE_BYTES = 256 << 20
+
 
 def _workspace(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A scratch tensor of ``shape``. On the CPU one buffer per thread and dtype is kept and
     reused between calls (at most 6 blocks of TORCH_BLOCK_ELEMS elements, 96 MiB in fp32, or 2 of
-    TORCH_TILED_BLOCK_ELEMS plus 4 tiles, 132 MiB):
+    TORCH_TILED_BLOCK_ELEMS plus 4 tiles, 132 MiB), up to :data:`WORKSPACE_CACHE_BYTES`:
     a fresh allocation of this size is mmapped and page-faulted anew by every call, which
-    measured up to 40 % of a call's time. Elsewhere the device's caching allocator does this."""
+    measured up to 40 % of a call's time. :func:`release_workspace` frees the kept buffers.
+    Elsewhere the device's caching allocator does this."""
     numel = math.prod(shape)
     if device.type != "cpu":
         return torch.empty(shape, device=device, dtype=dtype)
     cache = _WORKSPACE.__dict__.setdefault("buffers", {})
     buf = cache.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = cache[dtype] = torch.empty(numel, dtype=dtype)
+        cache.pop(dtype, None)  # the smaller buffer goes before the larger one is allocated
+        buf = torch.empty(numel, dtype=dtype)
+        if numel * buf.element_size() <= WORKSPACE_CACHE_BYTES:
+            cache[dtype] = buf
     return buf[:numel].view(shape)
+
+
+def release_workspace() -> int:
+    """Free the CPU scratch buffers that the torch backend keeps for the calling thread
+    between calls (at most 132 MiB per dtype at the default block sizes; see
+    :data:`WORKSPACE_CACHE_BYTES`) and return the bytes released. Call it when a process
+    is done with the loss (e.g. after training, before evaluation); the next call of the
+    op allocates them again. Other threads' buffers are theirs to release."""
+    cache = _WORKSPACE.__dict__.get("buffers", {})
+    freed = sum(b.numel() * b.element_size() for b in cache.values())
+    cache.clear()
+    return freed
 
 
 def _focal_terms_into(l: Tensor, p: Tensor, gamma: float, t: Tensor, g: Tensor) -> None:
@@ -189,7 +214,7 @@ def _focal_terms_tile(l2: Tensor, p: Tensor, gamma: float, t: Tensor, g: Tensor)
         g.mul_(p).mul_(-gamma * LN2).add_(1.0).mul_(t)
 
 
-def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_valid, acc):
+def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_valid, acc, off=0):
     """The momentum-target path of :func:`focal_itc_direction_torch`, tiled over the keys.
 
     Per block of rows, three sweeps over key tiles of at most :data:`TORCH_TILE_ELEMS`
@@ -254,11 +279,10 @@ def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_val
             # alpha softmax(z_m): alpha as a factor, not folded into the exponent, so that a saturated row
             # (p = 1, targets 1) cancels exactly in dz = p S - q g, as in the float64 truth
             tgt = zmt.sub_(lse2_t).exp2_().mul_(alpha)
-            if ids is None:  # the diagonal's one-hot mass, where it falls in this tile
-                i0, i1 = max(r0, c0) - r0, min(r1, c1) - r0
-                di = torch.arange(i0, i1, device=q.device) if i0 < i1 else None
+            if ids is None:  # the positives' one-hot mass, where it falls in this tile
+                di = _diag_in_tile(r0, r1, c0, c1, off, q.device)
                 if di is not None:
-                    tgt[di, di + (r0 - c0)] += 1.0 - alpha
+                    tgt[di, di + (r0 + off - c0)] += 1.0 - alpha
             else:
                 sel = (mc >= c0) & (mc < c1)
                 tr, tc = mr[sel], mc[sel] - c0
@@ -273,7 +297,7 @@ def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_val
             loss_b.add_(_rowdot(t.mul_(tgt), l2))
             S.add_(tgt.mul_(g).sum(1))  # tgt now holds q g
             if ids is None and di is not None:
-                g_ii[di] = g[di, di + (r0 - c0)]
+                g_ii[di] = g[di, di + (r0 + off - c0)]
         # sweep 3: dz = p S - q g, into dq and dtau
         dqb = torch.zeros(n, D, device=q.device, dtype=acc)
         dt = torch.zeros_like(m)
@@ -291,9 +315,216 @@ def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_val
     return loss, dq, dtau, stats
 
 
-def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None):
+def _tiles(n: int, size: int):
+    return [(c0, min(n, c0 + size)) for c0 in range(0, n, size)]
+
+
+def _diag_in_tile(r0: int, r1: int, c0: int, c1: int, off: int, device):
+    """Rows (relative to r0) of the block [r0, r1) whose positive column ``r0 + i + off``
+    falls in the key tile [c0, c1), or None."""
+    i0, i1 = max(r0 + off, c0) - r0 - off, min(r1 + off, c1) - r0 - off
+    return torch.arange(i0, i1, device=device) if i0 < i1 else None
+
+
+def _direction_onehot_tiled(q, kk, inv_tau, gamma: float, off: int, acc, want_dk: bool):
+    """The one-hot path of :func:`focal_itc_direction_torch` (no momentum targets, no ids),
+    tiled over the keys as :func:`_direction_targets_tiled` is; row i's positive is key
+    ``off + i``. With ``want_dk`` it also returns the key gradient for unit row weights,
+    ``sum_i dL_i/dK`` [N, D] (else None), from the same sweep (one more matmul per tile).
+
+    Per block of rows, two sweeps over key tiles of at most :data:`TORCH_TILE_ELEMS` logits:
+    (1) base-2 logits z of a tile from the matmul (in cache), the tile's row max m_t, the
+    unnormalized ``e_t = exp2(z - m_t)`` stored tile-major (the only [rows, N] store),
+    its row sum and ``sum e z``; the positive's logit taken from its tile. Merging the
+    tiles (``w_t = exp2(m_t - m)``) gives the lse, ``sum p z``, the focal terms at the
+    positive (S = g_ii) and dL/dtau without touching the logits again. (2) ``dz = e_t *
+    (S w_t / s)`` in place, minus g_ii at the positive, into dq (and dK) by matmuls. One
+    ``exp2`` per logit; each logit crosses memory twice (stored, read back)."""
+    B, D = q.shape
+    N = kk.shape[0]
+    dev = q.device
+    loss = torch.empty(B, device=dev, dtype=acc)
+    dtau = torch.empty_like(loss)
+    dq = torch.empty(B, D, device=dev, dtype=acc)
+    stats = torch.empty(4, B, device=dev, dtype=acc)
+    stats[3] = 1.0
+    dk = torch.zeros(N, D, device=dev, dtype=acc) if want_dk else None
+    # at least two row blocks: the stored block never holds all [B, N] logits
+    blocks = _row_blocks(B, N, min(TORCH_TILED_BLOCK_ELEMS, -(-B // 2) * N))
+    R = max(r1 - r0 for r0, r1 in blocks)
+    TK = min(N, max(1, TORCH_TILE_ELEMS // R))
+    tiles = _tiles(N, TK)
+    ws = _workspace((R * N,), acc, dev)
+    zt_scratch = torch.empty(R * TK, device=dev, dtype=acc)
+    scale = inv_tau * LOG2E
+    for r0, r1 in blocks:
+        n = r1 - r0
+        qa = q[r0:r1].to(acc)
+        qb = qa * scale  # base-2 logits from the matmul (not in place: qa may be the caller's tensor)
+        es = [ws[n * c0:n * c1].view(n, c1 - c0) for c0, c1 in tiles]
+        zt_buf = zt_scratch[:n * TK].view(n, TK)
+        mt = torch.empty(n, len(tiles), device=dev, dtype=acc)
+        st = torch.empty_like(mt)
+        ezt = torch.empty_like(mt)
+        z_ii = torch.zeros(n, device=dev, dtype=acc)
+        diags = []
+        for ti, ((c0, c1), et) in enumerate(zip(tiles, es)):
+            zt = zt_buf[:, :c1 - c0]
+            torch.mm(qb, kk[c0:c1].t(), out=zt)
+            di = _diag_in_tile(r0, r1, c0, c1, off, dev)
+            diags.append(di)
+            if di is not None:
+                z_ii[di] = zt[di, di + (r0 + off - c0)]
+            torch.amax(zt, 1, out=mt[:, ti])
+            torch.sub(zt, mt[:, ti:ti + 1], out=et).exp2_()
+            torch.sum(et, 1, out=st[:, ti])
+            ezt[:, ti] = _rowdot(et, zt)
+        m = mt.amax(1)
+        wt = torch.exp2(mt - m[:, None])  # (rows, tiles)
+        s = _rowdot(st, wt)
+        lse2 = torch.log2(s).add_(m)
+        pz2 = _rowdot(ezt, wt).div_(s)  # sum_j p_j z_j, base 2
+        l_ii = (z_ii - lse2) * LN2
+        t_ii, g_ii = _focal_terms_torch(l_ii, torch.exp(l_ii), gamma)
+        coef = wt.mul_((g_ii / s)[:, None])  # S w_t / s, S = g_ii
+        dqb = torch.zeros(n, D, device=dev, dtype=acc)
+        for (c0, c1), et, di, ti in zip(tiles, es, diags, range(len(tiles))):
+            dz = et.mul_(coef[:, ti:ti + 1])  # p S
+            if di is not None:
+                dz[di, di + (r0 + off - c0)] -= g_ii[di]
+            dqb.addmm_(dz, kk[c0:c1])
+            if want_dk:
+                dk[c0:c1].addmm_(dz.t(), qa)
+        loss[r0:r1] = -t_ii * l_ii
+        dq[r0:r1] = dqb.mul_(inv_tau)
+        dtau[r0:r1] = (g_ii * pz2 - g_ii * z_ii).mul_(-LN2 * inv_tau)  # -(S sum p z - g_ii z_ii) / tau
+        stats[0, r0:r1] = lse2 * LN2
+        stats[1, r0:r1] = g_ii
+        stats[2, r0:r1] = g_ii
+    if want_dk:
+        dk.mul_(inv_tau)
+    return loss, dq, dtau, stats, dk
+
+
+def _clip_tile(B: int):
+    """Rows and columns of the CLIP path's tiles of Z: square-ish (the matmuls' M and N both
+    large), at most :data:`TORCH_TILE_ELEMS` logits, and at most half of Z's rows."""
+    TM = max(1, min(-(-B // 2), math.isqrt(TORCH_TILE_ELEMS)))
+    return TM, min(B, max(1, TORCH_TILE_ELEMS // TM))
+
+
+def _clip_stats_torch(img, txt, inv_tau, gamma: float, acc):
+    """CLIP mode forward on the torch backend, both directions from one pass over the
+    shared logits: ``Z = img @ txt.T / tau`` [B, B] is image-to-text's logits and its
+    transpose text-to-image's, so tiles of Z (at most :data:`TORCH_TILE_ELEMS`) give each
+    row's log-sum-exp, ``sum p z`` online over the column tiles, and each column's online
+    over the row blocks. One matmul of B*B*D per call (against 2 per direction for the
+    per-direction path); the gradients, which need every row's and column's lse, come in
+    the backward (:func:`_clip_grads_torch`: 3 matmuls, 4 in all against ClipLoss's 6).
+
+    Returns ``(loss_i2t, loss_t2i, dtau_i2t, dtau_t2i)`` [B] each and ``stats`` [6, B]:
+    base-2 lse of rows and columns, g at the diagonal per direction, and the base-2
+    diagonal logit (kept for tests)."""
+    B, D = img.shape
+    dev = img.device
+    TM, TK = _clip_tile(B)
+    rblocks, ctiles = _tiles(B, TM), _tiles(B, TK)
+    ws = _workspace((2 * TM * TK,), acc, dev)
+    scale = inv_tau * LOG2E
+    ta = txt.to(acc)
+    z_d = torch.zeros(B, device=dev, dtype=acc)  # the diagonal, base 2
+    mc = torch.full((B,), -math.inf, device=dev, dtype=acc)  # column (text-to-image) running max, sum, sum e z
+    sc = torch.zeros(B, device=dev, dtype=acc)
+    pzc = torch.zeros(B, device=dev, dtype=acc)
+    mr = torch.empty(B, device=dev, dtype=acc)
+    sr = torch.empty_like(mr)
+    pzr = torch.empty_like(mr)
+    for r0, r1 in rblocks:
+        n = r1 - r0
+        ib = img[r0:r1].to(acc) * scale
+        m = torch.full((n,), -math.inf, device=dev, dtype=acc)
+        s = torch.zeros(n, device=dev, dtype=acc)
+        pz = torch.zeros(n, device=dev, dtype=acc)
+        for c0, c1 in ctiles:
+            w = c1 - c0
+            z = ws[:n * w].view(n, w)
+            e = ws[TM * TK:TM * TK + n * w].view(n, w)
+            torch.mm(ib, ta[c0:c1].t(), out=z)
+            di = _diag_in_tile(r0, r1, c0, c1, 0, dev)
+            if di is not None:
+                z_d[di + r0] = z[di, di + (r0 - c0)]
+            # rows: online over the column tiles
+            m_new = torch.maximum(m, z.amax(1))
+            f = torch.exp2(m - m_new)
+            torch.sub(z, m_new[:, None], out=e).exp2_()
+            s.mul_(f).add_(e.sum(1))
+            pz.mul_(f).add_(_rowdot(e, z))
+            m = m_new
+            # columns: online over the row blocks
+            mcn = torch.maximum(mc[c0:c1], z.amax(0))
+            fc = torch.exp2(mc[c0:c1] - mcn)
+            torch.sub(z, mcn[None, :], out=e).exp2_()
+            sc[c0:c1] = sc[c0:c1] * fc + e.sum(0)
+            pzc[c0:c1] = pzc[c0:c1] * fc + torch.linalg.vecdot(e, z, dim=0)
+            mc[c0:c1] = mcn
+        mr[r0:r1], sr[r0:r1], pzr[r0:r1] = m, s, pz
+    out = []
+    stats = torch.empty(6, B, device=dev, dtype=acc)
+    for i, (m, s, pz) in enumerate(((mr, sr, pzr), (mc, sc, pzc))):
+        lse2 = torch.log2(s).add_(m)
+        l_d = (z_d - lse2) * LN2
+        t_d, g_d = _focal_terms_torch(l_d, torch.exp(l_d), gamma)
+        out.append((-t_d * l_d, (g_d * (pz / s) - g_d * z_d).mul_(-LN2 * inv_tau)))
+        stats[i], stats[2 + i] = lse2, g_d
+    stats[4] = z_d
+    stats[5] = 0.0
+    return out[0][0], out[1][0], out[0][1], out[1][1], stats
+
+
+def _clip_grads_torch(img, txt, inv_tau, stats, w1, w2, acc):
+    """Gradients of ``sum_i w1_i L_i2t_i + w2_i L_t2i_i`` with respect to img and txt from
+    :func:`_clip_stats_torch`'s statistics: per tile of Z,
+    ``dZ = w1_i g1_i p_row + w2_j g2_j p_col`` minus ``w1_i g1_i + w2_i g2_i`` on the diagonal
+    (the focal ``dL/dz = p S - q g`` of both directions, S = g at the positive), then
+    ``dimg += dZ @ txt_tile``, ``dtxt_tile += dZ.T @ img_block``. 3 matmuls of B*B*D."""
+    B, D = img.shape
+    dev = img.device
+    TM, TK = _clip_tile(B)
+    ws = _workspace((2 * TM * TK,), acc, dev)
+    scale = inv_tau * LOG2E
+    ta = txt.to(acc)
+    lse_r, lse_c, g1, g2 = stats[0], stats[1], stats[2], stats[3]
+    a_r = w1.to(acc) * g1
+    a_c = w2.to(acc) * g2
+    a_d = a_r + a_c
+    d_img = torch.zeros(B, D, device=dev, dtype=acc)
+    d_txt = torch.zeros(B, D, device=dev, dtype=acc)
+    for r0, r1 in _tiles(B, TM):
+        n = r1 - r0
+        ia = img[r0:r1].to(acc)
+        ib = ia * scale
+        for c0, c1 in _tiles(B, TK):
+            w = c1 - c0
+            z = ws[:n * w].view(n, w)
+            e = ws[TM * TK:TM * TK + n * w].view(n, w)
+            torch.mm(ib, ta[c0:c1].t(), out=z)
+            torch.sub(z, lse_r[r0:r1, None], out=e).exp2_().mul_(a_r[r0:r1, None])  # w1 g1 p_row
+            dz = z.sub_(lse_c[None, c0:c1]).exp2_().mul_(a_c[None, c0:c1]).add_(e)  # + w2 g2 p_col
+            di = _diag_in_tile(r0, r1, c0, c1, 0, dev)
+            if di is not None:
+                dz[di, di + (r0 - c0)] -= a_d[di + r0]
+            d_img[r0:r1].addmm_(dz, ta[c0:c1])
+            d_txt[c0:c1].addmm_(dz.t(), ia)
+    return d_img.mul_(inv_tau), d_txt.mul_(inv_tau)
+
+
+def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None,
+                              pos_offset: int = 0, want_dk: bool = False):
     """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_direction_triton`
-    (``k``: a [N, D] tensor or a sequence of parts; ``key_ids`` likewise).
+    (``k``: a [N, D] tensor or a sequence of parts; ``key_ids`` likewise; row i's positive
+    is key ``pos_offset + i`` without ids), plus a fifth result: with ``want_dk`` and
+    one-hot targets without ids, the key gradient for unit row weights ``sum_i dL_i/dK``
+    [N, D] from the forward's sweep (:func:`_direction_onehot_tiled`), else None.
 
     With ids the positives of a block of rows are found from its [rows, N] match mask and
     handled as index lists: the focal terms of a row without momentum targets are computed
@@ -310,7 +541,10 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
         kid = _key_id_bank(key_ids)
         kid_valid = kid != EMPTY_ID
     if has_targets and TILED_TARGETS:
-        return _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_valid, acc)
+        return (*_direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_valid, acc, pos_offset),
+                None)
+    if not has_targets and ids is None and TILED_ONEHOT:
+        return _direction_onehot_tiled(q, kk, inv_tau, gamma, pos_offset, acc, want_dk)
     loss = torch.empty(B, device=q.device, dtype=acc)
     dtau = torch.empty_like(loss)
     dq = torch.empty(B, D, device=q.device, dtype=acc)
@@ -323,7 +557,7 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
     for r0, r1 in blocks:
         n = r1 - r0
         rows = torch.arange(n, device=q.device)
-        diag = rows + r0
+        diag = rows + r0 + pos_offset
         z, l, p = ws[0, :n], ws[1, :n], ws[2, :n]
         torch.mm(q[r0:r1].to(acc), kk.t(), out=z).mul_(inv_tau)  # (rows, N)
         # lse as logsumexp does it (max, then the sum of exp(z - max)), with the block buffers as scratch;
@@ -371,10 +605,11 @@ def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=
         stats[0, r0:r1] = lse
         stats[1, r0:r1] = s_row
         stats[2, r0:r1] = g_ii
-    return loss, dq, dtau, stats
+    return loss, dq, dtau, stats, None
 
 
-def focal_itc_key_grad_torch(q, k, tau, stats, w, *, ids=None, key_ids=None, gamma: float = 0.0):
+def focal_itc_key_grad_torch(q, k, tau, stats, w, *, ids=None, key_ids=None, gamma: float = 0.0,
+                             pos_offset: int = 0):
     """Same contract as :func:`softmask.kernels.focal_itc.focal_itc_key_grad_triton`."""
     B, D = q.shape
     N = k.shape[0]
@@ -390,7 +625,7 @@ def focal_itc_key_grad_torch(q, k, tau, stats, w, *, ids=None, key_ids=None, gam
         z = (qb @ kk.t()).mul_(inv_tau)
         if ids is None:
             dz = z.sub_(stats[0, r0:r1, None]).exp_().mul_(stats[1, r0:r1, None])
-            dz[rows, rows + r0] -= stats[2, r0:r1]
+            dz[rows, rows + r0 + pos_offset] -= stats[2, r0:r1]
         else:
             # g at the positives, recomputed exactly as the forward computed it
             mr, mc, _, w_pos = _positives(ids[r0:r1], key_ids, kid_valid, 0.0, acc)
@@ -405,21 +640,31 @@ def focal_itc_key_grad_torch(q, k, tau, stats, w, *, ids=None, key_ids=None, gam
     return dk.mul_(inv_tau)
 
 
-def _direction(q, k, qm, tau, gamma, alpha, ids, key_ids, backend):
+def _direction(q, k, qm, tau, gamma, alpha, ids, key_ids, backend, pos_offset=0, want_dk=False):
+    """``(loss, dq, dtau, stats, dk)`` of one direction; ``dk`` (unit row weights) or None."""
     if backend == "triton":
         from softmask.kernels.focal_itc import focal_itc_direction_triton
 
-        return focal_itc_direction_triton(q, k, qm, tau, gamma, alpha, ids=ids, key_ids=key_ids)
-    return focal_itc_direction_torch(q, k, qm, tau, gamma, alpha, ids=ids, key_ids=key_ids)
+        return (*focal_itc_direction_triton(q, k, qm, tau, gamma, alpha, ids=ids, key_ids=key_ids,
+                                            pos_offset=pos_offset), None)
+    return focal_itc_direction_torch(q, k, qm, tau, gamma, alpha, ids=ids, key_ids=key_ids, pos_offset=pos_offset,
+                                     want_dk=want_dk)
 
 
-def _key_grad(q, k, tau, stats, w, ids, gamma, backend):
-    """CLIP mode: the keys are the other side's batch, so their ids are the row ids."""
+def _key_grad(q, k, tau, stats, w, ids, key_ids, gamma, backend, pos_offset=0):
+    """``sum_i w_i dL_i/dK`` for targets without momentum (in CLIP mode the keys' ids are ids)."""
     if backend == "triton":
         from softmask.kernels.focal_itc import focal_itc_key_grad_triton
 
-        return focal_itc_key_grad_triton(q, k, tau, stats, w, ids=ids, key_ids=ids, gamma=gamma)
-    return focal_itc_key_grad_torch(q, k, tau, stats, w, ids=ids, key_ids=ids, gamma=gamma)
+        return focal_itc_key_grad_triton(q, k, tau, stats, w, ids=ids, key_ids=key_ids, gamma=gamma,
+                                         pos_offset=pos_offset)
+    return focal_itc_key_grad_torch(q, k, tau, stats, w, ids=ids, key_ids=key_ids, gamma=gamma, pos_offset=pos_offset)
+
+
+def _dk_in_forward(backend: str, key_grad: bool, ids, alpha: float) -> bool:
+    """Whether the forward returns the keys' gradient for unit row weights (the torch
+    backend's tiled one-hot path computes it in the same sweep as dq)."""
+    return backend == "torch" and key_grad and ids is None and alpha == 0 and TILED_ONEHOT
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -440,66 +685,97 @@ def _focal_itc_rows(
     gamma: float,
     alpha: float,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    key_grad: bool,
+    pos_offset: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses of both directions plus what the backward needs:
     ``(loss_i2t [B], loss_t2i [B], dL_i2t/dimage [B, D], dL_t2i/dtext [B, D],
-    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [4, B], stats_t2i [4, B])``.
+    dL_i2t/dtau [B], dL_t2i/dtau [B], stats_i2t [4, B], stats_t2i [4, B],
+    dk_i2t, dk_t2i)``, the last two the key banks' gradients for unit row weights
+    ([N, D], or [0, D] where the backward computes them, see :func:`_dk_in_forward`).
     ``image_keys`` / ``text_keys``: the parts of each key bank; empty lists select the
     CLIP mode. ``image_key_ids`` / ``text_key_ids``: the key ids, one tensor per part of
-    the bank (empty without ids, and in CLIP mode, where the keys' ids are ``ids``)."""
+    the bank (empty without ids, and in CLIP mode, where the keys' ids are ``ids``).
+    ``key_grad``: the key banks (one part each) take gradient. Row i's positive is key
+    ``pos_offset + i`` (without ids)."""
     clip = len(text_keys) == 0
     tk = text_feat if clip else text_keys
     ik = image_feat if clip else image_keys
     tk_ids = ids if clip else text_key_ids
     ik_ids = ids if clip else image_key_ids
     tau = temperature.detach()
-    l1, dq1, dt1, st1 = _direction(image_feat, tk, image_feat_m, tau, gamma, alpha, ids, tk_ids, backend)
-    l2, dq2, dt2, st2 = _direction(text_feat, ik, text_feat_m, tau, gamma, alpha, ids, ik_ids, backend)
-    return l1, l2, dq1, dq2, dt1, dt2, st1, st2
+    want_dk = _dk_in_forward(backend, key_grad, ids, alpha)
+    l1, dq1, dt1, st1, dk1 = _direction(image_feat, tk, image_feat_m, tau, gamma, alpha, ids, tk_ids, backend,
+                                        pos_offset, want_dk)
+    l2, dq2, dt2, st2, dk2 = _direction(text_feat, ik, text_feat_m, tau, gamma, alpha, ids, ik_ids, backend,
+                                        pos_offset, want_dk)
+    none = lambda: image_feat.new_empty(0, image_feat.shape[1], dtype=dq1.dtype)  # noqa: E731
+    return l1, l2, dq1, dq2, dt1, dt2, st1, st2, none() if dk1 is None else dk1, none() if dk2 is None else dk2
 
 
 @_focal_itc_rows.register_fake
 def _(image_feat, text_feat, temperature, image_keys, text_keys, image_feat_m, text_feat_m, ids, image_key_ids,
-      text_key_ids, gamma, alpha, backend):
+      text_key_ids, gamma, alpha, backend, key_grad, pos_offset):
     B, D = image_feat.shape
     acc = accum_dtype(image_feat.dtype)
     row = lambda: image_feat.new_empty(B, dtype=acc)  # noqa: E731
     feat = lambda: image_feat.new_empty(B, D, dtype=acc)  # noqa: E731
     stats = lambda: image_feat.new_empty(4, B, dtype=acc)  # noqa: E731
-    return row(), row(), feat(), feat(), row(), row(), stats(), stats()
+    want_dk = _dk_in_forward(backend, key_grad, ids, alpha)
+    dk = lambda bank: image_feat.new_empty(sum(p.shape[0] for p in bank) if want_dk else 0, D, dtype=acc)  # noqa: E731
+    return row(), row(), feat(), feat(), row(), row(), stats(), stats(), dk(text_keys), dk(image_keys)
 
 
 @torch.library.custom_op("softmask::focal_itc_key_grad", mutates_args=())
 def _focal_itc_key_grad(q: Tensor, k: Tensor, temperature: Tensor, stats: Tensor, w: Tensor, ids: Optional[Tensor],
-                        gamma: float, backend: str) -> Tensor:
-    """``sum_i w_i dL_i/dK`` for targets without momentum (one-hot, or uniform over the
-    keys with the row's id), [N, D] in the accumulation dtype."""
-    return _key_grad(q, k, temperature.detach(), stats, w, ids, gamma, backend)
+                        key_ids: Optional[Tensor], gamma: float, backend: str, pos_offset: int) -> Tensor:
+    """``sum_i w_i dL_i/dK`` for targets without momentum (one-hot at key ``pos_offset + i``,
+    or uniform over the keys with the row's id), [N, D] in the accumulation dtype."""
+    return _key_grad(q, k, temperature.detach(), stats, w, ids, key_ids, gamma, backend, pos_offset)
 
 
 @_focal_itc_key_grad.register_fake
-def _(q, k, temperature, stats, w, ids, gamma, backend):
+def _(q, k, temperature, stats, w, ids, key_ids, gamma, backend, pos_offset):
     return k.new_empty(k.shape, dtype=accum_dtype(k.dtype))
 
 
 def _setup_context(ctx, inputs, output):
     (image_feat, text_feat, temperature, image_keys, text_keys, _, _, ids, image_key_ids, text_key_ids, gamma, _,
-     backend) = inputs
-    _, _, dq1, dq2, dt1, dt2, st1, st2 = output
+     backend, key_grad, pos_offset) = inputs
+    _, _, dq1, dq2, dt1, dt2, st1, st2, dk1, dk2 = output
     ctx.clip = len(text_keys) == 0
     ctx.backend = backend
     ctx.gamma = gamma
+    ctx.key_grad = key_grad
+    ctx.pos_offset = pos_offset
     ctx.n_parts = (len(image_keys), len(text_keys), len(image_key_ids), len(text_key_ids))
-    # No key-bank tensor is saved: the forward computed dL/dfeatures and dL/dtau, so a
-    # write into a queue part after the loss (ALBEF's enqueue) cannot change the backward.
-    # The row ids are kept for CLIP mode's key gradient (they are the keys' ids there).
+    # No key-bank tensor is saved unless the keys take gradient: the forward computed
+    # dL/dfeatures and dL/dtau, so a write into a queue part after the loss (ALBEF's
+    # enqueue) cannot change the backward. The row ids are kept for CLIP mode's key
+    # gradient (they are the keys' ids there).
+    keys = (text_keys[0], image_keys[0]) if key_grad else (None, None)
+    key_ids = (text_key_ids[0], image_key_ids[0]) if key_grad and len(text_key_ids) else (None, None)
     ctx.save_for_backward(image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2,
-                          ids if ctx.clip else None)
+                          ids if ctx.clip or key_grad else None, *keys, *key_ids, dk1, dk2)
     ctx.mark_non_differentiable(*output[2:])
 
 
+def _uniform(w: Tensor) -> bool:
+    return bool((w == w[0]).all())
+
+
+def _bank_grad(ctx, q, k, temperature, stats, w, ids, key_ids, dk_unit):
+    """``sum_i w_i dL_i/dK`` of one direction: the forward's unit-weight gradient scaled
+    where the row weights are one value (every reduction but "none"), else computed."""
+    if dk_unit.shape[0] and _uniform(w):
+        return (w[0] * dk_unit).to(k.dtype)
+    return _focal_itc_key_grad(q, k, temperature, stats, w, ids, key_ids, ctx.gamma, ctx.backend,
+                               ctx.pos_offset).to(k.dtype)
+
+
 def _backward(ctx, g1, g2, *_unused):
-    image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2, ids = ctx.saved_tensors
+    (image_feat, text_feat, temperature, dq1, dq2, dt1, dt2, st1, st2, ids, tk, ik, tk_ids, ik_ids, dk1,
+     dk2) = ctx.saved_tensors
     g1 = torch.zeros_like(dt1) if g1 is None else g1.to(dt1.dtype)
     g2 = torch.zeros_like(dt2) if g2 is None else g2.to(dt2.dtype)
     d_image = d_text = d_tau = None
@@ -507,20 +783,78 @@ def _backward(ctx, g1, g2, *_unused):
         d_image = g1[:, None] * dq1
         d_text = g2[:, None] * dq2
         if ctx.clip:  # the keys are the other side's online features
-            d_image = d_image + _focal_itc_key_grad(text_feat, image_feat, temperature, st2, g2, ids, ctx.gamma,
-                                                    ctx.backend)
-            d_text = d_text + _focal_itc_key_grad(image_feat, text_feat, temperature, st1, g1, ids, ctx.gamma,
-                                                  ctx.backend)
+            d_image = d_image + _focal_itc_key_grad(text_feat, image_feat, temperature, st2, g2, ids, ids, ctx.gamma,
+                                                    ctx.backend, 0)
+            d_text = d_text + _focal_itc_key_grad(image_feat, text_feat, temperature, st1, g1, ids, ids, ctx.gamma,
+                                                  ctx.backend, 0)
         d_image = d_image.to(image_feat.dtype)
         d_text = d_text.to(text_feat.dtype)
     if ctx.needs_input_grad[2]:
         d_tau = (g1 * dt1 + g2 * dt2).sum().to(temperature.dtype)
     no_grad_bank = lambda n: [None] * n  # noqa: E731  (one entry per key-bank or key-id part)
-    return (d_image, d_text, d_tau, no_grad_bank(ctx.n_parts[0]), no_grad_bank(ctx.n_parts[1]), None, None,
-            None, no_grad_bank(ctx.n_parts[2]), no_grad_bank(ctx.n_parts[3]), None, None, None)
+    d_ik, d_tk = no_grad_bank(ctx.n_parts[0]), no_grad_bank(ctx.n_parts[1])
+    if ctx.key_grad:
+        d_tk = [_bank_grad(ctx, image_feat, tk, temperature, st1, g1, ids, tk_ids, dk1)]
+        d_ik = [_bank_grad(ctx, text_feat, ik, temperature, st2, g2, ids, ik_ids, dk2)]
+    return (d_image, d_text, d_tau, d_ik, d_tk, None, None, None, no_grad_bank(ctx.n_parts[2]),
+            no_grad_bank(ctx.n_parts[3]), None, None, None, None, None)
 
 
 _focal_itc_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("softmask::focal_clip_rows", mutates_args=())
+def _focal_clip_rows(image_feat: Tensor, text_feat: Tensor, temperature: Tensor,
+                     gamma: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The torch backend's CLIP mode without ids (:func:`_clip_stats_torch`):
+    ``(loss_i2t [B], loss_t2i [B], dL_i2t/dtau [B], dL_t2i/dtau [B], stats [6, B])``."""
+    acc = accum_dtype(image_feat.dtype)
+    return _clip_stats_torch(image_feat, text_feat, 1.0 / temperature.detach().to(acc), gamma, acc)
+
+
+@_focal_clip_rows.register_fake
+def _(image_feat, text_feat, temperature, gamma):
+    B = image_feat.shape[0]
+    acc = accum_dtype(image_feat.dtype)
+    row = lambda: image_feat.new_empty(B, dtype=acc)  # noqa: E731
+    return row(), row(), row(), row(), image_feat.new_empty(6, B, dtype=acc)
+
+
+@torch.library.custom_op("softmask::focal_clip_grads", mutates_args=())
+def _focal_clip_grads(image_feat: Tensor, text_feat: Tensor, temperature: Tensor, stats: Tensor, w1: Tensor,
+                      w2: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients of ``sum_i w1_i L_i2t_i + w2_i L_t2i_i`` (:func:`_clip_grads_torch`)."""
+    acc = accum_dtype(image_feat.dtype)
+    return _clip_grads_torch(image_feat, text_feat, 1.0 / temperature.detach().to(acc), stats, w1, w2, acc)
+
+
+@_focal_clip_grads.register_fake
+def _(image_feat, text_feat, temperature, stats, w1, w2):
+    acc = accum_dtype(image_feat.dtype)
+    return image_feat.new_empty(image_feat.shape, dtype=acc), text_feat.new_empty(text_feat.shape, dtype=acc)
+
+
+def _clip_setup_context(ctx, inputs, output):
+    image_feat, text_feat, temperature, _ = inputs
+    _, _, dt1, dt2, stats = output
+    ctx.save_for_backward(image_feat, text_feat, temperature, dt1, dt2, stats)
+    ctx.mark_non_differentiable(dt1, dt2, stats)
+
+
+def _clip_backward(ctx, g1, g2, *_unused):
+    image_feat, text_feat, temperature, dt1, dt2, stats = ctx.saved_tensors
+    g1 = torch.zeros_like(dt1) if g1 is None else g1.to(dt1.dtype)
+    g2 = torch.zeros_like(dt2) if g2 is None else g2.to(dt2.dtype)
+    d_image = d_text = d_tau = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        d_image, d_text = _focal_clip_grads(image_feat, text_feat, temperature, stats, g1, g2)
+        d_image, d_text = d_image.to(image_feat.dtype), d_text.to(text_feat.dtype)
+    if ctx.needs_input_grad[2]:
+        d_tau = (g1 * dt1 + g2 * dt2).sum().to(temperature.dtype)
+    return d_image, d_text, d_tau, None
+
+
+_focal_clip_rows.register_autograd(_clip_backward, setup_context=_clip_setup_context)
 
 
 # --------------------------------------------------------------------------- validation
@@ -547,7 +881,7 @@ def _check_temperature(temperature, ref: Tensor) -> Tensor:
 
 
 def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction,
-              ids=None, key_ids=None):
+              ids=None, key_ids=None, key_grad=False, pos_offset=0):
     check_tensor("image_feat", image_feat, ndim=2)
     check_tensor("text_feat", text_feat, ndim=2)
     check_same("text_feat", text_feat, "image_feat", image_feat)
@@ -561,10 +895,28 @@ def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_f
     if (image_keys is None) != (text_keys is None):
         given, missing = ("image_keys", "text_keys") if text_keys is None else ("text_keys", "image_keys")
         raise ValueError(f"{missing}: expected a [N, D] key bank since {given} is given (or both None), got None")
+    if isinstance(key_grad, bool) is False:
+        raise TypeError(f"key_grad: expected a bool, got {type(key_grad).__name__}")
+    if isinstance(pos_offset, bool) or not isinstance(pos_offset, int):
+        raise TypeError(f"pos_offset: expected a Python int, got {type(pos_offset).__name__}")
+    if pos_offset < 0:
+        raise ValueError(f"pos_offset: expected an int >= 0, got {pos_offset}")
+    clip = text_keys is None and image_keys is None
+    if clip and key_grad:
+        raise ValueError("key_grad: expected False in CLIP mode (no key banks: the keys are the batch, whose "
+                         "gradient is always computed), got True")
+    if clip and pos_offset:
+        raise ValueError(f"pos_offset: expected 0 in CLIP mode (the keys are the batch itself), got {pos_offset}")
+    if ids is not None and pos_offset:
+        raise ValueError(f"pos_offset: expected 0 with ids (the ids define the positives), got {pos_offset}")
     banks, lengths = {}, {}
     for name, keys in (("text_keys", text_keys), ("image_keys", image_keys)):
         if keys is not None:
-            banks[name], lengths[name] = _key_parts(name, keys, image_feat, by_position=ids is None)
+            banks[name], lengths[name] = _key_parts(name, keys, image_feat, by_position=ids is None,
+                                                    pos_offset=pos_offset)
+            if key_grad and len(lengths[name]) != 1:
+                raise ValueError(f"{name}: expected one [N, D] tensor with key_grad=True (the gradient goes to one "
+                                 f"tensor), got {len(lengths[name])} parts")
         else:
             banks[name] = None
     key_id_parts = _validate_ids(ids, key_ids, lengths, image_feat)
@@ -573,6 +925,9 @@ def _validate(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_f
     if not (gamma >= 0 and math.isfinite(gamma)):
         raise ValueError(f"gamma: expected a finite value >= 0, got {gamma}")
     alpha = check_fraction("alpha", alpha)
+    if key_grad and alpha > 0:
+        raise ValueError(f"key_grad: expected alpha = 0 with key_grad=True (momentum targets take keys without "
+                         f"gradient), got alpha = {alpha}")
     for name, feat in (("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
         if feat is None:
             if alpha > 0:
@@ -642,7 +997,7 @@ def _validate_ids(ids, key_ids, lengths: dict, image_feat: Tensor):
     return out
 
 
-def _key_parts(name: str, keys, image_feat: Tensor, by_position: bool = True):
+def _key_parts(name: str, keys, image_feat: Tensor, by_position: bool = True, pos_offset: int = 0):
     """Validate a key bank (a [N, D] tensor, or a tuple/list of [N_p, D] tensors read as
     their concatenation) part by part; return its non-empty parts as a tuple and the
     lengths of all its parts as given. ``by_position``: row i's positive is key i, so
@@ -665,7 +1020,10 @@ def _key_parts(name: str, keys, image_feat: Tensor, by_position: bool = True):
         check_same(part_name, part, "image_feat", image_feat)
         check_size(part_name, part, 1, D, "D, as image_feat")
     n = sum(part.shape[0] for _, part in named)
-    if by_position and n < B:
+    if by_position and n < B + pos_offset:
+        if pos_offset:
+            raise ValueError(f"{name}: expected N >= pos_offset + B = {pos_offset + B} keys (row i's positive is key "
+                             f"pos_offset + i), got N = {n}")
         raise ValueError(f"{name}: expected N >= B = {B} keys (row i's positive is key i), got N = {n}")
     if n == 0:
         raise ValueError(f"{name}: expected at least one key, got N = 0")
@@ -688,6 +1046,8 @@ def focal_itc_loss(
     alpha: float = 0.0,
     ids: Optional[Tensor] = None,
     key_ids: Optional[KeyIds] = None,
+    key_grad: bool = False,
+    pos_offset: int = 0,
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:
@@ -756,6 +1116,16 @@ def focal_itc_loss(
             is made inside the kernels from the two id vectors (8 bytes per key per sweep);
             no [B, N] mask exists in the triton backend, and the torch backend holds one
             block of rows' mask at a time.
+        key_grad: the key banks take gradient (default False: they are constants). For keys
+            that are features of a batch, e.g. all ranks' features gathered across processes
+            (:class:`softmask.FocalClipLoss`). Needs one [N, D] tensor per bank and
+            ``alpha = 0``; the backward then keeps the banks. The torch backend computes
+            the keys' gradient in the forward's sweep (for the row weights of a "mean" or
+            "sum" reduction; "none" with unequal upstream weights recomputes it); triton
+            runs one more sweep in the backward, as in CLIP mode.
+        pos_offset: without ids, row i's positive is key ``pos_offset + i`` (default 0), so
+            ``N >= pos_offset + B``: rank r's rows against keys gathered from all ranks have
+            ``pos_offset = r * B``. Key banks only (CLIP mode's keys are the batch).
         reduction: "mean" | "sum" | "none".
         backend: "auto" (triton on CUDA, torch elsewhere) | "triton" | "torch" | "reference".
 
@@ -773,10 +1143,12 @@ def focal_itc_loss(
     targets would run (two sweeps instead of one); with ``alpha > 0`` ids add the id
     reads and compares only. ``ids = arange(B)`` with ``key_ids`` ``arange(B)`` for the
     batch keys and ``-100`` for the queue gives the loss and gradients of no ids (bit for
-    bit on the torch backend).
+    bit on the torch backend with momentum targets; without them, no ids take the tiled
+    one-hot or CLIP path and agree to rounding).
     """
     gamma, alpha, image_keys, text_keys, key_id_parts = _validate(
-        image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction, ids, key_ids)
+        image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, gamma, alpha, reduction, ids, key_ids,
+        key_grad, pos_offset)
     temperature = _check_temperature(temperature, image_feat)
     backend = resolve_backend(backend, image_feat.device)
     if backend == "triton":
@@ -795,18 +1167,23 @@ def focal_itc_loss(
     if alpha == 0:
         image_feat_m = text_feat_m = None
     if backend == "reference":
+        bank = lambda parts: parts if parts is None or key_grad else [p.detach() for p in parts]  # noqa: E731
         return reference.focal_itc_loss_reference(
-            image_feat, text_feat, temperature, gamma=gamma, image_keys=image_keys, text_keys=text_keys,
+            image_feat, text_feat, temperature, gamma=gamma, image_keys=bank(image_keys), text_keys=bank(text_keys),
             image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha, ids=ids, key_ids=key_ids,
-            reduction=reduction,
+            pos_offset=pos_offset, reduction=reduction,
         )
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    detach_bank = lambda parts: [] if parts is None else [p.detach() for p in parts]  # noqa: E731
-    id_parts = lambda bank: [] if key_id_parts is None else list(key_id_parts[bank])  # noqa: E731
-    out = _focal_itc_rows(
-        image_feat, text_feat, temperature, detach_bank(image_keys), detach_bank(text_keys), detach(image_feat_m),
-        detach(text_feat_m), ids, id_parts("image_keys"), id_parts("text_keys"), gamma, alpha, backend,
-    )
+    if backend == "torch" and text_keys is None and ids is None:
+        out = _focal_clip_rows(image_feat, text_feat, temperature, gamma)
+    else:
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        bank = lambda parts: [] if parts is None else [p if key_grad else p.detach() for p in parts]  # noqa: E731
+        id_parts = lambda bank: [] if key_id_parts is None else list(key_id_parts[bank])  # noqa: E731
+        out = _focal_itc_rows(
+            image_feat, text_feat, temperature, bank(image_keys), bank(text_keys), detach(image_feat_m),
+            detach(text_feat_m), ids, id_parts("image_keys"), id_parts("text_keys"), gamma, alpha, backend, key_grad,
+            pos_offset,
+        )
     rows = 0.5 * (out[0] + out[1])
     if reduction == "mean":
         return rows.mean()
@@ -838,11 +1215,13 @@ class FocalITCLoss(torch.nn.Module):
         text_feat_m: Optional[Tensor] = None,
         ids: Optional[Tensor] = None,
         key_ids: Optional[KeyIds] = None,
+        key_grad: bool = False,
+        pos_offset: int = 0,
     ) -> Tensor:
         return focal_itc_loss(
             image_feat, text_feat, temperature, gamma=self.gamma, image_keys=image_keys, text_keys=text_keys,
             image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=self.alpha, ids=ids, key_ids=key_ids,
-            reduction=self.reduction, backend=self.backend,
+            key_grad=key_grad, pos_offset=pos_offset, reduction=self.reduction, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
