@@ -2,8 +2,8 @@
 
 Every ``import`` of every module under ``softmask/`` is read with :mod:`ast`, at module level and inside
 functions alike (a lazy import is still a dependency). Floors, lowest first (a module may import its own
-floor and those below it): the reference; the kernels; the ops and the top-level API (``softmask``, which
-re-exports the ops and the loss modules over them); the modules over the ops; the data; the model; a run on
+floor and those below it): the reference; the kernels; the ops; the modules over the ops and the top-level API
+(``softmask``, which re-exports the ops and those modules); the data; the model; a run on
 disk (``softmask.runs``); evaluation; training. ``python -m tests.test_layers`` prints the graph's floors.
 """
 
@@ -19,8 +19,9 @@ PKG = os.path.join(ROOT, "softmask")
 FLOORS = [  # (floor, module prefixes), lowest first
     (0, ("softmask.reference",)),
     (1, ("softmask.kernels",)),
-    (2, ("softmask.ops", "softmask")),  # "softmask": the package's own __init__ (the public API)
-    (3, ("softmask.distributed", "softmask.clip", "softmask.open_clip_train", "softmask.losses")),
+    (2, ("softmask.ops",)),
+    # the modules over the ops, and "softmask": the package's own __init__, the public API that re-exports them
+    (3, ("softmask", "softmask.distributed", "softmask.clip", "softmask.open_clip_train", "softmask.losses")),
     (3, ("softmask.data",)),
     (4, ("softmask.model", "softmask.weights")),
     (5, ("softmask.runs",)),

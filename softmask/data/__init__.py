@@ -17,7 +17,7 @@ from softmask.data.augment import (
     mask_tokens,
 )
 from softmask.data.json_dataset import CaptionJsonDataset
-from softmask.data.shapes import COLORS, RELATIONS, SHAPES, ShapesDataset, object_set_id
+from softmask.data.shapes import COLORS, RELATIONS, SHAPES, VARIANTS, ShapesDataset, is_shapes, object_set_id
 from softmask.data.tokenizer import (
     SPECIAL_TOKENS,
     build_shapes_tokenizer,
@@ -30,6 +30,8 @@ __all__ = [
     "SHAPES",
     "RELATIONS",
     "ShapesDataset",
+    "VARIANTS",
+    "is_shapes",
     "object_set_id",
     "CaptionJsonDataset",
     "SPECIAL_TOKENS",
@@ -62,7 +64,8 @@ def build_dataset(
     size: Optional[int] = None,
     distort: bool = True,
 ):
-    """Data set from a spec: ``"shapes"`` → :class:`ShapesDataset` (``split``, ``size``,
+    """Data set from a spec: ``"shapes"`` (or a variant of it, :data:`VARIANTS`: ``"shapes-partial"``,
+    ``"shapes-longtail"``) → :class:`ShapesDataset` (``split``, ``size``,
     ``seed``); a path ending in ``.json`` → :class:`CaptionJsonDataset` (``split``,
     ``seed`` and ``size`` are ignored: one JSON file is one split). Both use
     ``image_transform(image_size, train, distort)`` (``distort=False``: training crops without the
@@ -72,11 +75,12 @@ def build_dataset(
         raise TypeError(f"spec: expected 'shapes' or a path to a .json file, got {type(spec).__name__}")
     spec = os.fspath(spec)
     transform = image_transform(image_size, train, distort)
-    if spec == "shapes":
-        return ShapesDataset(split=split, size=size, image_size=image_size, seed=seed, transform=transform)
+    if spec in VARIANTS:
+        return ShapesDataset(split=split, size=size, image_size=image_size, seed=seed, transform=transform,
+                             variant=VARIANTS[spec])
     if spec.lower().endswith(".json"):
         return CaptionJsonDataset(spec, image_root=image_root, transform=transform)
-    raise ValueError(f"spec: expected 'shapes' or a path ending in .json, got {spec!r}")
+    raise ValueError(f"spec: expected {', '.join(repr(v) for v in VARIANTS)} or a path ending in .json, got {spec!r}")
 
 
 class Collator:
@@ -92,6 +96,9 @@ class Collator:
     - ``"ids"``: LongTensor[B], the positive id of every pair for retrieval fine-tuning (the items'
       ``"id"``: the object set of a shapes image, the ``image_id`` of a caption-JSON entry; items
       without one use their ``"image_id"``),
+    - ``"holds"``: BoolTensor[B, B] and ``"scene_objects"``, only when every item carries
+      ``"scene_objects"`` (captions that name part of the image, ``shapes-partial``): ``holds[i, j]`` is
+      whether caption j is true of image i, so that ITM never takes it as a negative of image i,
     - ``"num_dropped"``: int, ``None`` items dropped from this batch (an addition, so
       that training loops can sum drops across DataLoader worker processes).
 
@@ -131,7 +138,22 @@ class Collator:
             "image_id": torch.tensor([int(it.get("image_id", it["index"])) for it in kept], dtype=torch.long),
             "ids": torch.tensor([int(it.get("id", it.get("image_id", it["index"]))) for it in kept], dtype=torch.long),
             "num_dropped": dropped,
+            **self._holds(kept, captions),
         }
+
+    @staticmethod
+    def _holds(kept, captions) -> dict:
+        """Items whose captions name part of their image (``"scene_objects"``: the shapes-partial data) add
+        ``"holds"`` [B, B] bool: caption j is true of image i (so it is no ITM negative of it), and
+        ``"scene_objects"``."""
+        if not all("scene_objects" in it for it in kept):
+            return {}
+        from softmask.data.shapes import caption_holds
+
+        scene = [it["scene_objects"] for it in kept]
+        holds = torch.tensor([[caption_holds(c, objs, partial=True) for c in captions] for objs in scene],
+                             dtype=torch.bool)
+        return {"holds": holds, "scene_objects": [list(objs) for objs in scene]}
 
 
     def tokenize(self, captions: Sequence[str]) -> dict:

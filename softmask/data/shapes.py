@@ -58,6 +58,28 @@ _SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 SPLITS = {"train": 0, "test": 1}
 DEFAULT_SIZES = {"train": 4096, "test": 256}
 
+#: The variants of the shapes data, by the name ``--data`` takes (the paper's claims are tested on them: docs/method.md):
+#:
+#: - ``shapes``: the default; one to three objects, the caption names every one;
+#: - ``shapes-partial``: two to four objects, the caption names a random subset of them (at least one, at most
+#:   three), as web captions describe part of an image; a caption is true of an image when every object it names
+#:   is there (and its relation holds): :func:`caption_holds` with ``partial=True``;
+#: - ``shapes-longtail``: the training split draws each object's colour-shape combination with Zipf-like
+#:   frequencies (:data:`LONGTAIL_EXPONENT`; the rarest tenth of the 30 combinations together under 2 % of the
+#:   training objects, tested), the test split is the default's, balanced; :data:`TAIL_COMBOS` are the rarest
+#:   third, whose retrieval and pointing the evaluation reports apart from the rest.
+VARIANTS = {"shapes": "default", "shapes-partial": "partial", "shapes-longtail": "longtail"}
+#: Zipf exponent of the long-tailed training split: the combination of frequency rank r (1..30) has weight r^-1.5,
+#: renormalized over the combinations still free (an image's objects differ in colour and in shape). Counted over
+#: 6,000 drawn training scenes: the rarest 3 combinations 1.0 % of the objects, the rarest 10 (the tail) 5.7 %, the
+#: commonest 5 63 % (exponent 1.2: 1.9 % / 8.8 %, too near the 2 % bound; 2.0: 0.3 % / 2.8 %)
+LONGTAIL_EXPONENT = 1.5
+
+
+def is_shapes(data) -> bool:
+    """Whether the data setting ``data`` names the embedded shapes data (the default or a variant, :data:`VARIANTS`)."""
+    return isinstance(data, str) and data in VARIANTS
+
 # Object side as a fraction of the image side: 0.22..0.44 of 64 px = 14..28 px,
 # i.e. about 2..3.5 ViT patches of 8 px across.
 _MIN_FRAC, _MAX_FRAC = 0.22, 0.44
@@ -85,12 +107,28 @@ def object_set_id(objects) -> int:
     return bits
 
 
+def longtail_ranking() -> list:
+    """The 30 ``(colour, shape)`` combinations from the commonest to the rarest in the long-tailed training split
+    (a fixed order, the same for every seed, so that every run's tail is the same combinations)."""
+    combos = [(c, sh) for c in COLORS for sh in SHAPES]
+    order = np.random.default_rng(2023).permutation(len(combos))
+    return [combos[int(k)] for k in order]
+
+
+#: The rarest third of :func:`longtail_ranking`: the "tail" the evaluation of a long-tailed run reports apart.
+TAIL_COMBOS = frozenset(longtail_ranking()[-10:])
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _phrase(color: str, shape: str) -> str:
+def phrase(color: str, shape: str) -> str:
+    """The noun phrase of an object as the captions write it: ``"a red circle"``, ``"an orange square"``."""
     return f"{_article(color)} {color} {shape}"
+
+
+_phrase = phrase
 
 
 def _relation(a: list[float], b: list[float]) -> list[str]:
@@ -125,15 +163,37 @@ def _sample_background(rng: np.random.Generator) -> tuple[tuple[int, int, int], 
     return background, noise
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.0) -> dict:
+def _longtail_combos(rng: np.random.Generator, n_obj: int) -> tuple:
+    """``(colours, shapes)`` of ``n_obj`` objects drawn one by one with the long tail's weights, among the
+    combinations whose colour and shape are not taken yet."""
+    ranking = longtail_ranking()
+    weights = (np.arange(len(ranking)) + 1.0) ** -LONGTAIL_EXPONENT
+    colors, shapes = [], []
+    for _ in range(n_obj):
+        allowed = np.array([c not in colors and sh not in shapes for c, sh in ranking])
+        p = weights * allowed
+        c, sh = ranking[int(rng.choice(len(ranking), p=p / p.sum()))]
+        colors.append(c)
+        shapes.append(sh)
+    return colors, shapes
+
+
+def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.0, variant: str = "default") -> dict:
     """Draw a scene layout and its caption (no pixels) from ``rng``.
 
-    Returns ``{"caption": str, "objects": [{"word", "color", "box"}...] (caption order),
-    "background": (r, g, b), "noise": float}``.
+    Returns ``{"caption": str, "objects": [{"word", "color", "box"}...] (the named objects, in caption order),
+    "background": (r, g, b), "noise": float}``; the ``partial`` variant adds ``"scene_objects"``, every object
+    of the image (the named ones and the others). ``variant``: ``"default"``, ``"partial"`` or ``"longtail"``
+    (the long-tailed colour-shape draw; see :data:`VARIANTS`).
     """
-    n_obj = int(rng.integers(1, 4))
-    colors = [list(COLORS)[k] for k in rng.permutation(len(COLORS))[:n_obj]]
-    shapes = [SHAPES[k] for k in rng.permutation(len(SHAPES))[:n_obj]]
+    if variant not in ("default", "partial", "longtail"):
+        raise ValueError(f"variant: expected 'default', 'partial' or 'longtail', got {variant!r}")
+    n_obj = int(rng.integers(2, 5)) if variant == "partial" else int(rng.integers(1, 4))
+    if variant == "longtail":
+        colors, shapes = _longtail_combos(rng, n_obj)
+    else:
+        colors = [list(COLORS)[k] for k in rng.permutation(len(COLORS))[:n_obj]]
+        shapes = [SHAPES[k] for k in rng.permutation(len(SHAPES))[:n_obj]]
     boxes: list[list[float]] = []
     for _ in range(n_obj):
         for _try in range(_MAX_TRIES):
@@ -148,6 +208,11 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.
             break  # no room left: fewer objects
     n_obj = len(boxes)
     objs = [{"word": s, "color": c, "box": b} for s, c, b in zip(shapes[:n_obj], colors[:n_obj], boxes)]
+    scene_objects = objs
+    if variant == "partial":  # the caption names a random subset: at least one object, at most three
+        k = int(rng.integers(1, min(n_obj, 3) + 1))
+        objs = [objs[int(j)] for j in sorted(rng.permutation(n_obj)[:k])]
+        n_obj = k
 
     if n_obj == 1:
         tmpl = TEMPLATES[1][int(rng.integers(len(TEMPLATES[1])))]
@@ -170,7 +235,10 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, gap: float = 2.
         caption = tmpl.format(**fields)
 
     background, noise = _sample_background(rng)
-    return {"caption": caption, "objects": ordered, "background": background, "noise": noise}
+    scene = {"caption": caption, "objects": ordered, "background": background, "noise": noise}
+    if variant == "partial":
+        scene["scene_objects"] = scene_objects
+    return scene
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[float], color: tuple[int, int, int]) -> None:
@@ -203,7 +271,7 @@ def render_scene(scene: dict, image_size: int, rng: np.random.Generator) -> Imag
         bg += rng.normal(0.0, scene["noise"], size=bg.shape).astype(np.float32)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    for obj in scene["objects"]:
+    for obj in scene.get("scene_objects", scene["objects"]):
         _draw_shape(draw, obj["word"], obj["box"], COLORS[obj["color"]])
     return img
 
@@ -217,6 +285,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         image_size: side S of the square images in pixels (objects are 22-44% of S).
         seed: data-set seed; item ``i`` depends only on ``(seed, split, i)``.
         transform: optional callable applied to the PIL image.
+        variant: ``"default"``, ``"partial"`` or ``"longtail"`` (:data:`VARIANTS`); the long tail's test split is
+            the default's (balanced).
 
     ``ds[i]`` is a dict: ``"image"`` (``transform(PIL)`` or the PIL RGB image, S x S),
     ``"caption"`` (str), ``"objects"`` (list of ``{"word", "color", "box"}`` in caption
@@ -224,7 +294,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     painted pixels are the integer pixels ``x0 <= x < x1``, ``y0 <= y < y1`` of the shape),
     ``"index"`` (i), ``"image_id"`` (i: one caption per image), ``"id"`` (the positive id for
     retrieval fine-tuning: :func:`object_set_id` of the objects, shared by every image with the same set
-    of (colour, shape) pairs).
+    of (colour, shape) pairs). The ``partial`` variant's items add ``"scene_objects"`` (every object of the
+    image; ``"objects"`` are the named ones) and take their id from all of them.
     """
 
     def __init__(
@@ -234,7 +305,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         image_size: int = 64,
         seed: int = 0,
         transform=None,
+        variant: str = "default",
     ):
+        if variant not in ("default", "partial", "longtail"):
+            raise ValueError(f"variant: expected 'default', 'partial' or 'longtail', got {variant!r}")
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {tuple(SPLITS)}, got {split!r}")
         if size is None:
@@ -250,6 +324,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.seed = seed
         self.transform = transform
+        self.variant = variant
+        # what the generator draws: the long tail is the training split's; its test split is balanced
+        self._draw = "default" if variant == "longtail" and split == "test" else variant
 
     def __len__(self) -> int:
         return self.size
@@ -259,7 +336,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def scene(self, index: int) -> dict:
         """Layout and caption of item ``index`` without drawing it."""
-        return sample_scene(self._rng(self._check_index(index)), self.image_size)
+        return sample_scene(self._rng(self._check_index(index)), self.image_size, variant=self._draw)
 
     def _check_index(self, index) -> int:
         if isinstance(index, torch.Tensor):
@@ -274,15 +351,50 @@ class ShapesDataset(torch.utils.data.Dataset):
         return index
 
     def __getitem__(self, index) -> dict:
-        index = self._check_index(index)
+        return self._item(self._check_index(index))
+
+    def _item(self, index: int, occlude: Optional[int] = None) -> dict:
         rng = self._rng(index)
-        scene = sample_scene(rng, self.image_size)
-        image = render_scene(scene, self.image_size, rng)
+        scene = sample_scene(rng, self.image_size, variant=self._draw)
+        drawn = scene
+        if occlude is not None:  # the same scene and background noise, one named object painted over
+            gone = scene["objects"][occlude]
+            drawn = {**scene, "scene_objects": [o for o in scene.get("scene_objects", scene["objects"]) if o is not gone]}
+        image = render_scene(drawn, self.image_size, rng)
         if self.transform is not None:
             image = self.transform(image)
-        objects = [{"word": o["word"], "color": o["color"], "box": list(o["box"])} for o in scene["objects"]]
-        return {"image": image, "caption": scene["caption"], "objects": objects, "index": index, "image_id": index,
+        copy = lambda objs: [{"word": o["word"], "color": o["color"], "box": list(o["box"])} for o in objs]  # noqa: E731
+        objects = copy(scene["objects"])
+        item = {"image": image, "caption": scene["caption"], "objects": objects, "index": index, "image_id": index,
                 "id": object_set_id(objects)}
+        if "scene_objects" in scene:
+            item["scene_objects"] = copy(scene["scene_objects"])
+            item["id"] = object_set_id(item["scene_objects"])
+        if occlude is not None:
+            item["occluded"] = objects[occlude]
+            item["objects"] = [o for j, o in enumerate(objects) if j != occlude]
+        return item
+
+    def occlusion_choice(self, index: int) -> Optional[int]:
+        """The named object that the occlusion evaluation paints over in item ``index`` (its position in the
+        item's ``"objects"``), or None for an item with fewer than two named objects. A seeded rule, a function of
+        ``(seed, split, index)`` alone, so every model is scored on the same occluded images."""
+        index = self._check_index(index)
+        n = len(self.scene(index)["objects"])
+        if n < 2:
+            return None
+        return int(np.random.default_rng([self.seed, SPLITS[self.split], index, 7]).integers(n))
+
+    def occluded(self, index: int) -> dict:
+        """Item ``index`` with one named object (:meth:`occlusion_choice`) painted over by the background (the
+        same background and noise), the caption unchanged (it still names the object): ``"objects"`` are the
+        remaining named objects, ``"occluded"`` the one painted over. Raises ValueError for an item with fewer
+        than two named objects."""
+        index = self._check_index(index)
+        drop = self.occlusion_choice(index)
+        if drop is None:
+            raise ValueError(f"index: item {index} names fewer than two objects; expected one that names two or more")
+        return self._item(index, occlude=drop)
 
     @property
     def txt2img(self) -> list[int]:
@@ -387,16 +499,19 @@ def _parse_caption(caption: str) -> tuple[tuple, Optional[tuple]]:
     return tuple((c, s) for c, s, _, _ in named), None
 
 
-def caption_holds(caption: str, objects) -> bool:
+def caption_holds(caption: str, objects, *, partial: bool = False) -> bool:
     """Whether a shapes caption is true of an image with ``objects`` (dicts with ``"word"``, ``"color"`` and
     ``"box"``, as the items' ``"objects"``): the caption names exactly the image's objects (every shapes
     caption names all of its image's objects) and the relation it states, if any, holds between their boxes
     (:func:`_relation`, the rule the generator uses). Two different strings can both hold ("there is a red
     circle", "a picture of a red circle"); the evaluation's ITM probe counts only captions that do not hold as
-    negatives."""
+    negatives. ``partial`` (the ``shapes-partial`` data, whose captions name part of the image): the caption holds
+    when every object it names is among ``objects`` (every object of the image) and its relation holds."""
     named, relation = _parse_caption(caption)
     have = {(o["color"], o["word"]): o["box"] for o in objects}
-    if set(named) != set(have) or len(named) != len(have) or relation is False:
+    if relation is False or len(set(named)) != len(named) or not named:
+        return False
+    if not (set(named) <= set(have) if partial else (set(named) == set(have) and len(named) == len(have))):
         return False
     if relation is None:
         return True

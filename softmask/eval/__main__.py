@@ -38,7 +38,7 @@ def main(argv=None) -> int:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory (uses checkpoints/latest) or checkpoint directory")
     p.add_argument("--data", default=None,
-                   help="caption JSON file (or 'shapes') to evaluate on (default: the run's test set, else the "
+                   help="caption JSON file (or 'shapes', 'shapes-partial', 'shapes-longtail') to evaluate on (default: the run's test set, else the "
                    "images it held out, else its training data)")
     p.add_argument("--image-root", default=None,
                    help="directory the --data image paths are relative to (default: that JSON's folder)")
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="where eval.json and plots/ go (default: the run directory)")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
+    from softmask.data.shapes import VARIANTS, is_shapes
     from softmask.eval.evaluate import evaluate_run
     from softmask.runs.checkpoint import latest_checkpoint, load_checkpoint_config
     from softmask.runs.datasets import annotate_eval, check_test_json, eval_target
@@ -76,17 +77,18 @@ def main(argv=None) -> int:
         run_dir = _run_dir(a.checkpoint, ckpt)
         if a.data is not None:
             data = a.data
-            if data != "shapes" and not data.lower().endswith(".json"):
-                raise ConfigError("data", data, "expected 'shapes' or a caption JSON file (a path ending in .json)")
-            root = a.image_root if a.image_root is not None or data == "shapes" else \
+            if not is_shapes(data) and not data.lower().endswith(".json"):
+                raise ConfigError("data", data, f"expected {', '.join(repr(v) for v in VARIANTS)} or a caption JSON "
+                                                f"file (a path ending in .json)")
+            root = a.image_root if a.image_root is not None or is_shapes(data) else \
                 os.path.dirname(os.path.abspath(data))
             target, _, target_split = eval_target(run_train, run_dir)
-            same = lambda x: x is not None and (x == data if "shapes" in (x, data)  # noqa: E731
+            same = lambda x: x is not None and (x == data if is_shapes(x) or is_shapes(data)  # noqa: E731
                                                 else os.path.abspath(x) == os.path.abspath(data))
             split = "train" if same(run_train.get("data")) else target_split if same(target) else "given"
         else:
             data, root, split = eval_target(run_train, run_dir)
-        if data != "shapes":
+        if not is_shapes(data):
             print_notes(check_test_json("data", data, root), prog=PROG)
         if split == "train":
             print_notes([f"evaluating on the run's training data ({data}), not on held-out data: the retrieval "

@@ -40,6 +40,10 @@ import torch
 
 import softmask
 from softmask.model import ModelConfig, SoftMaskALBEF
+from softmask.eval.scoring import itm_match_prob as _itm_match_prob
+from softmask.eval.scoring import pair_itm_logits as _pair_itm_logits
+from softmask.eval.scoring import trim as _trim
+from softmask.eval.scoring import word_cams
 from softmask.runs.checkpoint import latest_checkpoint, load_model_weights
 
 __all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate", "itm_probe",
@@ -72,11 +76,6 @@ def load_model(checkpoint: str, device="cpu", *, warn: bool = True):
     return model.to(device).eval(), tokenizer, run_cfg, ckpt
 
 
-def _trim(ids, mask):
-    L = int(mask.sum(1).max())
-    return ids[:, :L], mask[:, :L]
-
-
 @dataclass
 class EncodedSet:
     """An evaluation set encoded once: ``Ni`` distinct images and ``Nt`` texts (all captions of those images).
@@ -84,7 +83,8 @@ class EncodedSet:
     ``img_embeds [Ni, N, Dv]`` / ``img_feats [Ni, E]`` and ``txt_ids`` / ``txt_masks [Nt, L]`` /
     ``txt_feats [Nt, E]`` (float32, CPU); ``captions`` and ``objects`` per text; ``txt2img [Nt]`` (the
     image of every text) and ``img2txt [Ni]`` (the texts of every image); ``images``: the first few
-    image tensors ``[3, S, S]``, for the pictures."""
+    image tensors ``[3, S, S]``, for the pictures; ``item_index [Ni]``: the data set item each image was read
+    through."""
 
     img_embeds: torch.Tensor
     img_feats: torch.Tensor
@@ -96,6 +96,7 @@ class EncodedSet:
     txt2img: list
     img2txt: list
     images: list = field(default_factory=list)
+    item_index: list = field(default_factory=list)
 
     def text_hits(self) -> list:
         """The texts that count as a hit for each image: its own captions and every other text with exactly
@@ -160,7 +161,7 @@ def encode_set(model, tokenizer, dataset, *, device="cpu", batch_size: int = 64,
         txt_masks.append(enc["attention_mask"])
         txt_feats.append(tfeat.float().cpu())
     return EncodedSet(torch.cat(img_embeds), torch.cat(img_feats), torch.cat(txt_ids), torch.cat(txt_masks),
-                      torch.cat(txt_feats), captions, objects, txt2img, img2txt, images)
+                      torch.cat(txt_feats), captions, objects, txt2img, img2txt, images, [first[gi] for gi in kept])
 
 
 @torch.no_grad()
@@ -188,29 +189,6 @@ def retrieval_scores(model, img_embeds, img_feats, txt_ids, txt_masks, txt_feats
     rows_t = torch.arange(sims.shape[1]).repeat_interleave(k)
     t2i[rows_t, top_t.reshape(-1)] = itm(top_t.reshape(-1), rows_t)
     return sims, i2t, t2i
-
-
-def word_cams(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, pair_word, *, batch_size: int = 128,
-              device="cpu", backend: Optional[str] = None) -> torch.Tensor:
-    """Grad-CAM maps ``[n, g, g]`` of word ``pair_word[i]`` of text ``pair_text[i]`` on image ``pair_image[i]``.
-
-    The gradient is that of the pair's ITM match logit with respect to the Grad-CAM
-    layer's attention output (parameter gradients untouched); the map drops the image
-    [CLS] key and is reshaped to the patch grid.
-    """
-    g = model.cfg.grid
-    backend = backend or model.cfg.op_backend
-    out = []
-    for s in range(0, len(pair_image), batch_size):
-        ii, tt = pair_image[s : s + batch_size], pair_text[s : s + batch_size]
-        w = pair_word[s : s + batch_size].to(device)
-        ids, mask = _trim(txt_ids[tt].to(device), txt_masks[tt].to(device))
-        with torch.no_grad():
-            te, _ = model.encode_text(ids, mask)
-        _, _, q, k, v, gc = model.word_gradcam_inputs(te, mask, img_embeds[ii].to(device), retain_graph=False)
-        cam = softmask.word_gradcam(q, k, v, gc, w, backend=backend)  # (n, N)
-        out.append(cam[:, 1:].reshape(-1, g, g).float().cpu())  # (n, g, g)
-    return torch.cat(out) if out else torch.zeros(0, g, g)
 
 
 def _pointing(model, tokenizer, enc: EncodedSet, device):
@@ -282,35 +260,6 @@ def _overlays(model, tokenizer, enc: EncodedSet, out_png, device, n_images=6):
         s += len(w)
     images = denormalize(torch.stack(enc.images[:n]))
     plot_gradcam_overlays(images, [enc.captions[t] for t in first], words, per_image, out_png, boxes=boxes)
-
-
-@torch.no_grad()
-def _pair_itm_logits(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
-                     device="cpu") -> torch.Tensor:
-    """ITM logits ``[n, 2]`` (float32, CPU) of the pairs ``(text pair_text[i], image pair_image[i])``, in batches;
-    ``img_embeds`` may already be soft-masked. Within a batch each distinct text is encoded once and each
-    distinct image's cross-attention keys / values are projected once (a rerank batch holds a few images with
-    their top-k texts, or the reverse)."""
-    out = []
-    for s in range(0, len(pair_image), batch_size):
-        ii, tt = pair_image[s : s + batch_size], pair_text[s : s + batch_size]
-        ui, inv_i = torch.unique(ii, return_inverse=True)
-        ut, inv_t = torch.unique(tt, return_inverse=True)
-        ids, mask = _trim(txt_ids[ut].to(device), txt_masks[ut].to(device))
-        te, _ = model.encode_text(ids, mask)
-        inv_t = inv_t.to(device)
-        kv = model.fusion_encoder.image_kv(img_embeds[ui].to(device))
-        logits, _, _ = model.itm_logits(te[inv_t], mask[inv_t], image_kv=kv, image_index=inv_i.to(device))
-        out.append(logits.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
-
-
-def _itm_match_prob(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, *, batch_size: int = 128,
-                    device="cpu") -> torch.Tensor:
-    """ITM match probability ``softmax(logits)[:, 1]`` of the pairs (see :func:`_pair_itm_logits`)."""
-    logits = _pair_itm_logits(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, batch_size=batch_size,
-                              device=device)
-    return torch.softmax(logits, dim=-1)[:, 1]
 
 
 def soft_masked_embeds(model, tokenizer, img_embeds, txt_ids, txt_masks, *, seed: int = 0, batch_size: int = 128,
@@ -430,7 +379,7 @@ def _soft_mask_picture(model, tokenizer, enc: EncodedSet, out_png, device, n_ima
 
 def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="cpu", pointing: bool = True,
              overlays_png: Optional[str] = None, soft_masks_png: Optional[str] = None, batch_size: int = 64,
-             max_len: int = 32, probe: bool = True) -> dict:
+             max_len: int = 32, probe: bool = True, grounding: bool = True) -> dict:
     """Retrieval as ALBEF's ``itm_eval``, the ITM shortcut probe (:func:`itm_probe`) and, when the items carry
     ``objects``, the pointing game, on ``dataset``.
 
@@ -442,7 +391,10 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
     Keys: ``tr_r1/5/10``, ``ir_r1/5/10`` and their means ``tr_mean``, ``ir_mean``, ``r_mean`` (reranked),
     ``itc_tr_r1/5/10``, ``itc_ir_r1/5/10`` and ``itc_tr_mean``, ``itc_ir_mean``, ``itc_r_mean`` (ITC alone),
     in percent; ``num_images``, ``num_texts``, ``rerank_k``, ``chance_r1`` (100 / Ni),
-    ``duplicate_captions``."""
+    ``duplicate_captions``. On the shapes data (``grounding``): ALBEF-protocol grounding
+    (:func:`softmask.eval.grounding.shapes_grounding`: ``grounding_acc`` ...) and the occlusion evaluation
+    (:func:`softmask.eval.occlusion.occlusion_eval`: ``occlusion``), and on ``shapes-longtail`` the head / tail
+    split (:func:`softmask.eval.longtail.long_tail_eval`: ``long_tail``)."""
     from softmask.eval.metrics import retrieval_metrics
 
     was_training = model.training
@@ -470,6 +422,15 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
                              device=device, txt2img=txt2img, holds=_caption_truth(enc)))
     if pointing and any(enc.objects):
         res.update(_pointing(model, tokenizer, enc, device))
+        if grounding:
+            from softmask.eval.grounding import shapes_grounding
+            from softmask.eval.longtail import long_tail_eval
+            from softmask.eval.occlusion import occlusion_eval
+
+            res.update(shapes_grounding(model, tokenizer, enc, dataset, device=device, max_len=max_len) or {})
+            res.update(occlusion_eval(model, tokenizer, enc, dataset, k=k, device=device, batch_size=batch_size,
+                                      max_len=max_len) or {})
+            res.update(long_tail_eval(model, tokenizer, enc, i2t, t2i, dataset, device=device) or {})
     if overlays_png is not None:
         _overlays(model, tokenizer, enc, overlays_png, device)
     if soft_masks_png is not None:
@@ -487,7 +448,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     loading. ``image_root`` defaults to the run's only when ``data`` is the run's own data set.
     ``extra`` entries are added to the result (and to ``eval.json``). ``seed``: the shapes held-out split of
     this seed (default: the run's own)."""
-    from softmask.data import build_dataset
+    from softmask.data import build_dataset, is_shapes
     from softmask.eval.plots import plot_loss_curves
 
     device = torch.device(device)
@@ -504,7 +465,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     if image_root is None and spec == tcfg["data"]:
         image_root = tcfg.get("image_root")
     ds = build_dataset(spec, "test", model.cfg.image_size, train=False, image_root=image_root,
-                       seed=_data_seed(tcfg) if seed is None else seed, size=test_size if spec == "shapes" else None)
+                       seed=_data_seed(tcfg) if seed is None else seed, size=test_size if is_shapes(spec) else None)
     plot_dir = os.path.join(out_dir, "plots")
     res = evaluate(model, tokenizer, ds, k=k, device=device,
                    overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None,

@@ -326,17 +326,18 @@ class SoftMaskALBEF(nn.Module):
         return self.itm_head(fused[:, 0]), fused, cap
 
     def word_gradcam_inputs(self, text_embeds, attention_mask, image_embeds=None, *, retain_graph=True,
-                            image_kv=None):
+                            image_kv=None, layer: Optional[int] = None):
         """Positive ITM logits and the Grad-CAM layer's (q, k, v, grad_context).
 
-        ``grad_context = d sum_b logits[b, 1] / d context`` at ``cfg.gradcam_layer``,
+        ``grad_context = d sum_b logits[b, 1] / d context`` at ``cfg.gradcam_layer`` (``layer``: another fusion layer),
         computed with :func:`torch.autograd.grad` (a partial backward: parameter
         ``.grad`` fields are not touched). Returns ``(logits [B, 2], fused, q, k, v, grad_context)``;
         q/k/v/grad_context are detached.
         """
         with torch.enable_grad():
             logits, fused, cap = self.itm_logits(
-                text_embeds, attention_mask, image_embeds, capture_layer=self.cfg.gradcam_layer, image_kv=image_kv
+                text_embeds, attention_mask, image_embeds, image_kv=image_kv,
+                capture_layer=self.cfg.gradcam_layer if layer is None else layer
             )
             (grad_ctx,) = torch.autograd.grad(
                 logits[:, 1].sum(), cap.context, retain_graph=retain_graph
@@ -346,11 +347,12 @@ class SoftMaskALBEF(nn.Module):
     # ------------------------------------------------------------------ training forward
 
     @torch.no_grad()
-    def hard_negatives(self, image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids=None):
+    def hard_negatives(self, image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids=None, holds=None):
         """In-batch ITM hard negatives ``(neg_text [B], neg_image [B])``: a text per image and an image per
         text, drawn from the softmax of the ITC similarities (ALBEF). Never the pair itself, never a pair
         with an identical caption (``exclude_same_caption_negatives``), never a pair with the same
-        ``ids`` (false negatives in retrieval fine-tuning). A row left with no allowed pair (e.g. every
+        ``ids`` (false negatives in retrieval fine-tuning), never a caption true of the image (``holds[i, j]``:
+        caption j of image i; for the text-to-image draw, ``holds[j, i]``). A row left with no allowed pair (e.g. every
         pair of the batch shares one id) falls back to any other pair of the batch."""
         B = image_feat.shape[0]
         eye = torch.eye(B, dtype=torch.bool, device=image_feat.device)
@@ -363,10 +365,13 @@ class SoftMaskALBEF(nn.Module):
             allowed &= ~same
         if ids is not None:  # a pair with the same id is a positive, never a negative
             allowed &= ids[:, None] != ids[None, :]
-        empty = ~allowed.any(1, keepdim=True)
-        allowed = torch.where(empty, ~eye, allowed)
+        allowed_t2i = allowed
+        if holds is not None:  # row i of w_i2t: captions j for image i; row i of w_t2i: images j for caption i
+            allowed, allowed_t2i = allowed & ~holds, allowed & ~holds.t()
+        allowed = torch.where(~allowed.any(1, keepdim=True), ~eye, allowed)
+        allowed_t2i = torch.where(~allowed_t2i.any(1, keepdim=True), ~eye, allowed_t2i)
         w_i2t = torch.where(allowed, w_i2t + 1e-5, torch.zeros_like(w_i2t))
-        w_t2i = torch.where(allowed, w_t2i + 1e-5, torch.zeros_like(w_t2i))
+        w_t2i = torch.where(allowed_t2i, w_t2i + 1e-5, torch.zeros_like(w_t2i))
         neg_text = torch.multinomial(w_i2t, 1).squeeze(1)
         neg_image = torch.multinomial(w_t2i, 1).squeeze(1)
         return neg_text, neg_image
@@ -382,6 +387,7 @@ class SoftMaskALBEF(nn.Module):
         word_candidates: Optional[torch.Tensor] = None,
         alpha: float = 0.0,
         ids: Optional[torch.Tensor] = None,
+        holds: Optional[torch.Tensor] = None,
     ) -> dict:
         """All losses of one step: ``{"loss", "loss_itc", "loss_itm", "loss_softmask", "loss_mlm"}``
         (0-dim tensors; ``loss`` is the weighted sum), plus ``"mask_mean"`` (detached).
@@ -389,7 +395,9 @@ class SoftMaskALBEF(nn.Module):
         ``ids`` (``[B]`` int64, optional; ALBEF's retrieval fine-tuning): the positive id of each pair,
         e.g. its image id. ITC then counts every key with the same id (batch and id queue) as a
         positive, ITM hard negatives are drawn only among pairs with a different id, and the ids
-        enter the id queue. Without ids a pair's only positive is itself (pretraining)."""
+        enter the id queue. Without ids a pair's only positive is itself (pretraining). ``holds`` (``[B, B]``
+        bool, optional; captions that name part of their image): ``holds[i, j]`` marks caption j as true of
+        image i, and ITM never draws that pair as a hard negative (ITC keeps its one-hot targets)."""
         cfg = self.cfg
         B = image.shape[0]
         if B < 2:
@@ -399,6 +407,11 @@ class SoftMaskALBEF(nn.Module):
                 got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
                 raise ValueError(f"ids: expected an int64 tensor of shape ({B},), got {got}")
             ids = ids.to(image.device)
+        if holds is not None:
+            if not isinstance(holds, torch.Tensor) or holds.dtype != torch.bool or tuple(holds.shape) != (B, B):
+                got = f"{holds.dtype} {tuple(holds.shape)}" if isinstance(holds, torch.Tensor) else type(holds).__name__
+                raise ValueError(f"holds: expected a bool tensor of shape ({B}, {B}), got {got}")
+            holds = holds.to(image.device)
         with torch.no_grad():
             self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
 
@@ -439,7 +452,8 @@ class SoftMaskALBEF(nn.Module):
             pos_logits, fused_pos, _ = self.itm_logits(text_embeds, attention_mask, image_kv=image_kv)
 
         # ---------------------------------------------------------------- ITM hard negatives
-        neg_text, neg_image = self.hard_negatives(image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids)
+        neg_text, neg_image = self.hard_negatives(image_feat, text_feat, image_feat_m, text_feat_m, input_ids, ids,
+                                                  holds=holds)
         rows = torch.arange(B, device=image.device)
         text_all = torch.cat([text_embeds, text_embeds[neg_text]], dim=0)  # (2B, L, hidden)
         mask_all = torch.cat([attention_mask, attention_mask[neg_text]], dim=0)

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Optional
 
+from softmask.data.shapes import is_shapes
 from softmask.runs.errors import ConfigError
 
 __all__ = ["HOLDOUT_FILE", "check_test_json", "eval_target", "annotate_eval", "load_json_set", "dropped_note",
@@ -78,13 +79,13 @@ def root_of(json_path: str, image_root: Optional[str]) -> str:
 def eval_target(run_train_cfg: dict, run_dir: str) -> tuple:
     """``(data, image_root, split)`` that a finished run is evaluated on by default: its ``test_data``,
     else the images held out of its training JSON (``<run_dir>/heldout.json``), else its training data
-    (``"shapes"``: the shapes held-out split)."""
+    (``"shapes"`` or a variant: its held-out split)."""
     test = run_train_cfg.get("test_data")
     if test:
         return test, root_of(test, run_train_cfg.get("test_image_root")), "test"
     data = run_train_cfg.get("data", "shapes")
-    if data == "shapes":
-        return "shapes", None, "shapes_test"
+    if is_shapes(data):
+        return data, None, "shapes_test"
     held = os.path.join(run_dir, HOLDOUT_FILE)
     if os.path.isfile(held):
         return held, os.path.dirname(os.path.abspath(held)), "heldout"

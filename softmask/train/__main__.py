@@ -97,7 +97,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
         p.add_argument("--no-ids", action="store_true",
                        help="fine-tune without positive ids (each pair its own only positive, as in pretraining)")
     p.add_argument("--preset", choices=("tiny", "base"), default=d.preset, help="model size")
-    p.add_argument("--data", default=d.data, help="'shapes' (embedded synthetic data) or a caption JSON file")
+    p.add_argument("--data", default=d.data, help="'shapes' (embedded synthetic data), one of its variants "
+                   "('shapes-partial': captions that name part of the image; 'shapes-longtail': long-tailed colour-shape "
+                   "combinations in training), or a caption JSON file")
     p.add_argument("--image-root", default=None,
                    help="directory the JSON's image paths are relative to (default: the JSON file's folder)")
     p.add_argument("--test-data", default=None,

@@ -17,6 +17,7 @@ import typing
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from softmask.data.shapes import VARIANTS, is_shapes
 from softmask.model import model_preset
 from softmask.runs.errors import NO_VALUE, ConfigError
 from softmask.train.vision_pretrain import BUILTIN_VIT, BUILTIN_VIT_RADIUS
@@ -203,8 +204,9 @@ class TrainConfig:
             raise ConfigError("preset", self.preset, "expected 'tiny' or 'base'")
         if self.impl not in ("fused", "reference"):
             raise ConfigError("impl", self.impl, "expected 'fused' or 'reference'")
-        if self.data != "shapes" and not self.data.lower().endswith(".json"):
-            raise ConfigError("data", self.data, "expected 'shapes' or a caption JSON file (a path ending in .json)")
+        if not is_shapes(self.data) and not self.data.lower().endswith(".json"):
+            raise ConfigError("data", self.data, f"expected {', '.join(repr(v) for v in VARIANTS)} or a caption JSON "
+                                                 f"file (a path ending in .json)")
         if self.test_data is not None and not self.test_data.lower().endswith(".json"):
             raise ConfigError("test_data", self.test_data, "expected a caption JSON file (a path ending in .json)")
         for name in ("pointing_every", "pointing_size", "num_workers", "warmup_steps", "seed", "holdout",
@@ -247,7 +249,7 @@ class TrainConfig:
         """Whether ``vit_checkpoint="auto"`` means the shapes recipe: the ``tiny`` preset on the shapes data,
         started from no checkpoint, with the shipped ViT's architecture (patch stem, no registers, local
         attention of radius 1 or unset) and no BERT weights."""
-        return (self.vit_checkpoint == AUTO and self.preset == "tiny" and self.data == "shapes"
+        return (self.vit_checkpoint == AUTO and self.preset == "tiny" and is_shapes(self.data)
                 and self.init_checkpoint is None and self.bert_dir is None
                 and self.vision_stem in (None, "patch") and self.vision_registers in (None, 0)
                 and self.vision_attn_radius in (None, BUILTIN_VIT_RADIUS))

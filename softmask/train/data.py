@@ -171,14 +171,14 @@ def prepare_data(cfg, image_size: int, out: str, *, write: bool = True) -> Prepa
     readable images, raise :class:`ConfigError` naming the setting. Missing training images are dropped
     here (unreadable ones are dropped when they are read). ``write``: write ``<out>/heldout.json`` when
     images are held out (the rank-0 process)."""
-    from softmask.data import build_dataset, image_transform
+    from softmask.data import build_dataset, image_transform, is_shapes
 
     notes = []
     transform = image_transform(image_size, True, cfg.image_aug)
     if cfg.test_data is not None:
         notes += check_test_json("test_data", cfg.test_data, cfg.test_image_root)
-    if cfg.data == "shapes":
-        ds = build_dataset("shapes", "train", image_size, train=True, seed=cfg.data_rng_seed, size=cfg.train_size,
+    if is_shapes(cfg.data):
+        ds = build_dataset(cfg.data, "train", image_size, train=True, seed=cfg.data_rng_seed, size=cfg.train_size,
                            distort=cfg.image_aug)
         if cfg.test_data is not None:
             return PreparedData(ds, cfg.test_data, _root_of(cfg.test_data, cfg.test_image_root), "test", notes)

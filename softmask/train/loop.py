@@ -532,6 +532,7 @@ class _Loop:
                 word_candidates=cand.to(device),
                 alpha=alpha,
                 ids=batch["ids"].to(device) if cfg.use_ids else None,
+                holds=batch["holds"].to(device) if "holds" in batch else None,
             )
         terms = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
         return losses, terms, alpha, image.shape[0]
@@ -602,12 +603,13 @@ class _Loop:
 def _pointing_watch(cfg: TrainConfig, proc: Process, model, tokenizer):
     """The pointing game on a fixed held-out subset during training (shapes data, main process), as a function
     of no arguments giving ``{"pointing_game": ..., "pointing_game_color": ...}``; None when off."""
-    if not (proc.is_main and cfg.pointing_every > 0 and cfg.pointing_size > 0 and cfg.data == "shapes"):
+    from softmask.data import build_dataset, is_shapes
+
+    if not (proc.is_main and cfg.pointing_every > 0 and cfg.pointing_size > 0 and is_shapes(cfg.data)):
         return None
-    from softmask.data import build_dataset
     from softmask.eval.evaluate import pointing_subset
 
-    watch = build_dataset("shapes", "test", model.cfg.image_size, train=False, seed=cfg.data_rng_seed,
+    watch = build_dataset(cfg.data, "test", model.cfg.image_size, train=False, seed=cfg.data_rng_seed,
                           size=cfg.pointing_size)
 
     def pointing() -> dict:
