@@ -83,52 +83,63 @@ def focal_itc_specs(exhaustive: bool = False):
         acc = "*fp64" if dname == "float64" else "*fp32"
         flags = fk._flags(dtype)
         for D in block_ds:
-            for blocks, launch in fk._tile_candidates(D, dtype):
-                tile = f"{ty} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}"
-                for two, ids in itertools.product((False, True), (False, True)):
-                    for has_targets in (True, False):
-                        types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, PACC=acc, **id_ptrs)
-                        types.update(_i32("B", "N", "N0", "D", "keys_per_split", "stride_qb", "stride_qd",
-                                          "stride_qmb", "stride_qmd", *key_strides, *id_strides, "stride_pstat",
-                                          "stride_ps", "stride_pas", "stride_pab"))
-                        yield (f"focal_itc_sweep1 {tile} targets={has_targets}{ids_tag(ids)} parts={2 if two else 1}",
-                               (mod, "_focal_itc_sweep1_kernel"), types,
-                               dict(HAS_TARGETS=has_targets, HAS_IDS=ids, TWO_PARTS=two, **flags, **blocks), launch)
-                    types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, P2STAT=acc, P2ACC=acc,
-                                 **id_ptrs)
-                    types.update(_i32("B", "N", "N0", "D", "keys_per_split", "n_splits", "stride_qb", "stride_qd",
+            seen = set()
+            for two, ids, has_targets in itertools.product((False, True), (False, True), (True, False)):
+                for blocks, launch in fk._tile_candidates(D, dtype, has_targets, ids):
+                    tile = f"{ty} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}"
+                    types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, PACC=acc, **id_ptrs)
+                    types.update(_i32("B", "N", "N0", "D", "keys_per_split", "pos_offset", "stride_qb", "stride_qd",
                                       "stride_qmb", "stride_qmd", *key_strides, *id_strides, "stride_pstat",
                                       "stride_ps", "stride_pas", "stride_pab"))
-                    types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo", "alpha_hi", "alpha_lo")})
+                    # With the momentum log-sum-exp apart (fk._momentum_lse_apart) the launcher runs
+                    # sweep 1 without targets, twice; the configuration with targets is compiled
+                    # for the record but never launched.
+                    apart = has_targets and fk._momentum_lse_apart(dtype, blocks, launch)
+                    name = f"focal_itc_sweep1 {tile} targets={has_targets}{ids_tag(ids)} parts={2 if two else 1}"
+                    if name not in seen:
+                        seen.add(name)
+                        yield (name, (mod, "_focal_itc_sweep1_kernel"), types,
+                               dict(HAS_TARGETS=has_targets, HAS_IDS=ids, TWO_PARTS=two, **flags, **blocks),
+                               fk._sweep_launch(launch, blocks, dtype, 1, has_targets, ids), not apart)
                     # Sweep 2 runs with momentum targets, with ids, or both.
-                    for momentum in ((True, False) if ids else (True,)):
-                        tag = ("" if momentum else " targets=False") + ids_tag(ids)
-                        yield (f"focal_itc_sweep2 {tile}{tag} parts={2 if two else 1}",
-                               (mod, "_focal_itc_sweep2_kernel"), types,
-                               dict(HAS_MOMENTUM=momentum, HAS_IDS=ids, TWO_PARTS=two, **flags, **blocks), launch)
+                    if not (has_targets or ids):
+                        continue
+                    types = dict(Q=ptr, QM=ptr, K0=ptr, K1=ptr, TAU="*fp32", PSTAT=acc, P2STAT=acc, P2ACC=acc,
+                                 **id_ptrs)
+                    types.update(_i32("B", "N", "N0", "D", "keys_per_split", "n_splits", "pos_offset", "stride_qb",
+                                      "stride_qd", "stride_qmb", "stride_qmd", *key_strides, *id_strides,
+                                      "stride_pstat", "stride_ps", "stride_pas", "stride_pab"))
+                    types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo", "alpha_hi", "alpha_lo")})
+                    tag = ("" if has_targets else " targets=False") + ids_tag(ids)
+                    name = f"focal_itc_sweep2 {tile}{tag} parts={2 if two else 1}"
+                    if name not in seen:
+                        seen.add(name)
+                        yield (name, (mod, "_focal_itc_sweep2_kernel"), types,
+                               dict(HAS_MOMENTUM=has_targets, HAS_IDS=ids, TWO_PARTS=two, **flags, **blocks),
+                               fk._sweep_launch(launch, blocks, dtype, 2, has_targets, ids), True)
             blocks, launch = fk._key_grad_plan(1 << 20, 1 << 20, D, dtype, torch.device("cpu"))[:2]
             for ids in (False, True):
                 types = dict(Q=ptr, K=ptr, TAU="*fp32", STATS=acc, W=acc, W_SCALE=acc, RID="*i64", KID="*i64",
                              DK=acc)
-                types.update(_i32("B", "N", "D", "rows_per_split", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
+                types.update(_i32("B", "N", "D", "rows_per_split", "pos_offset", "stride_qb", "stride_qd", "stride_kn", "stride_kd",
                                   "stride_dks", "stride_dkn", "stride_sb", "stride_rid", "stride_kid"))
                 types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo")})
                 yield (f"focal_itc_key_grad {ty} D={D} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}{ids_tag(ids)}",
-                       (mod, "_focal_itc_key_grad_kernel"), types, dict(HAS_IDS=ids, **flags, **blocks), launch)
+                       (mod, "_focal_itc_key_grad_kernel"), types, dict(HAS_IDS=ids, **flags, **blocks), launch, True)
             cblocks, claunch = fk._combine_config(D)
             for two, ids in itertools.product((False, True), (False, True)):
                 # The combine reads sweep 2's partials whenever sweep 2 ran (targets or ids).
                 for two_sweeps in ((True,) if ids else (True, False)):
                     types = dict(PSTAT=acc, PACC=acc, P2STAT=acc, P2ACC=acc, K0=ptr, K1=ptr, TAU="*fp32", LOSS=acc,
                                  DQ=acc, DTAU=acc, STATS=acc)
-                    types.update(_i32("B", "N0", "D", "n_splits", "stride_pstat", "stride_ps", "stride_pas",
+                    types.update(_i32("B", "N0", "D", "n_splits", "pos_offset", "stride_pstat", "stride_ps", "stride_pas",
                                       "stride_pab", *key_strides, "stride_dqb", "stride_sb"))
                     types.update({n: "fp32" for n in ("gamma_hi", "gamma_lo")})
                     yield (f"focal_itc_combine {ty} D={D} {cblocks['BLOCK_M']}x{cblocks['BLOCK_D']} "
                            f"targets={two_sweeps}{ids_tag(ids)} parts={2 if two else 1}",
                            (mod, "_focal_itc_combine_kernel"), types,
                            dict(TWO_SWEEPS=two_sweeps, HAS_IDS=ids, TWO_PARTS=two, ACC=flags["ACC"], **cblocks),
-                           claunch)
+                           claunch, True)
 
 
 def soft_mask_specs(exhaustive: bool = False):
@@ -228,7 +239,8 @@ def compile_one(spec, arch: int, cached: dict) -> dict:
 
     from tests.helpers import compile_for_gpu
 
-    name, (module, attr), types, constexprs, launch = spec
+    name, (module, attr), types, constexprs, launch = spec[:5]
+    launched = spec[5] if len(spec) > 5 else True
     t0 = time.perf_counter()
     try:
         fn = getattr(importlib.import_module(module), attr)
@@ -239,10 +251,10 @@ def compile_one(spec, arch: int, cached: dict) -> dict:
         if stats is None:
             log = buf.getvalue()
             stats = parse_ptxas_log(log if "Used " in log else _ptxas_here(k.asm["ptx"], arch))
-        row = dict(kernel=name, ok=True, shared=k.metadata.shared, **launch, **stats,
+        row = dict(kernel=name, ok=True, launched=launched, shared=k.metadata.shared, **launch, **stats,
                    seconds=round(time.perf_counter() - t0, 2), _hash=k.hash, _stats=stats)
     except Exception as e:  # report every configuration, then fail
-        row = dict(kernel=name, ok=False, error=f"{type(e).__name__}: {str(e)[-800:]}",
+        row = dict(kernel=name, ok=False, launched=launched, error=f"{type(e).__name__}: {str(e)[-800:]}",
                    seconds=round(time.perf_counter() - t0, 2))
     return row
 
@@ -251,17 +263,26 @@ def _compile_star(args):
     return compile_one(*args)
 
 
+def is_bad(row) -> bool:
+    """A compiled configuration that spills or needs more shared memory than sm_90 has."""
+    return bool(row.get("ok") and ((row.get("spill_stores") or 0) or (row.get("spill_loads") or 0)
+                                   or row.get("shared", 0) > SHARED_LIMIT))
+
+
 def spill_summary(rows) -> str:
-    """A markdown table of the configurations that spill or exceed the shared-memory limit."""
-    bad = [r for r in rows if r.get("ok") and ((r.get("spill_stores") or 0) or (r.get("spill_loads") or 0)
-                                              or r.get("shared", 0) > SHARED_LIMIT)]
+    """A markdown table of the configurations that spill or exceed the shared-memory limit
+    (those the launchers never launch listed apart)."""
+    bad = [r for r in rows if is_bad(r)]
+    launched = [r for r in bad if r.get("launched", True)]
     failed = [r for r in rows if not r.get("ok")]
-    out = [f"{len(rows)} configurations, {len(bad)} spilling or over {SHARED_LIMIT // 1024} KB of shared memory, "
-           f"{len(failed)} failed to compile", "",
-           "| kernel | warps | regs | spill st / ld B | shared KB |", "|---|---|---|---|---|"]
-    for r in bad:
-        out.append(f"| {r['kernel']} | {r.get('num_warps', '')} | {r['regs']} | {r['spill_stores']} / "
-                   f"{r['spill_loads']} | {r['shared'] / 1024:.0f} |")
+    out = [f"{len(rows)} configurations, {len(launched)} launched ones spilling or over {SHARED_LIMIT // 1024} KB "
+           f"of shared memory ({len(bad) - len(launched)} more compiled but never launched), {len(failed)} failed "
+           "to compile", "",
+           "| kernel | launched | warps | stages | regs | spill st / ld B | shared KB |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(bad, key=lambda r: not r.get("launched", True)):
+        out.append(f"| {r['kernel']} | {'yes' if r.get('launched', True) else 'no'} | {r.get('num_warps', '')} | "
+                   f"{r.get('num_stages', '')} | {r['regs']} | {r['spill_stores']} / {r['spill_loads']} | "
+                   f"{r['shared'] / 1024:.0f} |")
     for r in failed:
         out.append(f"| {r['kernel']} | | | compile failed: {r['error'][:120]} | |")
     return "\n".join(out)
@@ -329,7 +350,7 @@ def main(argv=None) -> int:
 def _cost_guess(spec) -> int:
     """Relative compile cost of a configuration, for scheduling only: tile elements times
     the element size (the float64 and wide-D kernels take longest)."""
-    name, _, _, constexprs, _ = spec
+    name, constexprs = spec[0], spec[3]
     size = 8 if " fp64 " in name else 4 if " fp32 " in name else 2
     return size * constexprs.get("BLOCK_D", 64) * constexprs.get("BLOCK_M", 16) * (2 if "sweep" in name else 1)
 

@@ -507,28 +507,66 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tile_candidates(D: int, dtype: torch.dtype):
-    """Block sizes and launch options the launcher may pick for ``D`` and ``dtype``,
-    largest row block first. BLOCK_D covers D in one tile (the [BLOCK_M, BLOCK_D]
-    accumulator lives in registers), so wide D and 4-byte/8-byte inputs take smaller
-    tiles. Chosen from ptxas's register/spill report for sm_90
-    (``python -m tests.compile_kernels``, benchmarks/NOTES.md); not yet timed on a GPU.
-    The 16-row half-precision tile serves small batches, where 64-row blocks would need
-    so many splits that the partial accumulators cost more than the keys (:func:`_plan`)."""
+def _tile_candidates(D: int, dtype: torch.dtype, momentum: bool = False, ids: bool = False):
+    """Block sizes and launch options the launcher may pick for ``D`` and ``dtype`` (and,
+    where ptxas asked for it, the sweeps' flags: momentum targets, ids), largest row block
+    first. BLOCK_D covers D in one tile (the [BLOCK_M, BLOCK_D] accumulator lives in
+    registers), so wide D and 4-byte/8-byte inputs take smaller tiles. Chosen from
+    ptxas's register/spill report for sm_90 (``python -m tests.compile_kernels``,
+    benchmarks/NOTES.md); not yet timed on a GPU. The 16-row half-precision tile serves
+    small batches, where 64-row blocks would need so many splits that the partial
+    accumulators cost more than the keys (:func:`_plan`). :func:`_sweep_launch` adjusts
+    the launch options of one sweep."""
     block_d = max(16, triton.next_power_of_2(D))
     if interpreting():
         # Each interpreted program costs ~2.5 ms: few, large programs.
         return [(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), {})]
     if dtype in (torch.float16, torch.bfloat16) and block_d <= 256:
         # 64-row tiles spilled in both sweeps at D = 256 (ptxas: 72 / 244 bytes at 8 warps,
-        # more at 16 warps); 32 x 64 at 8 warps uses 174-178 registers, no spill.
+        # more at 16 warps); 32 x 64 at 8 warps uses 174-178 registers, no spill. The 16-row
+        # tile at 4 warps spilled 8-120 B in sweep 2 with ids at 2 stages, none at 1 stage
+        # (204-254 registers in every sweep and flag).
         return [(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=8, num_stages=2)),
-                (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
+                (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=block_d), dict(num_warps=4, num_stages=1))]
+    if dtype in (torch.float16, torch.bfloat16) and block_d == 512:
+        # D = 512 (CLIP ViT-B), ptxas: 32 x 32 at 4 warps spilled 116-876 B in every kernel;
+        # at 8 warps the one-hot sweep 1, sweep 2 and the key gradient are clean (168-226
+        # registers), but sweep 1 with momentum targets puts ~15 KB in local memory and ids
+        # spill 8-80 B; 16 x 32 at 8 warps and 1 stage is clean in every sweep and flag
+        # (128-207 registers).
+        if momentum or ids:
+            return [(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=8, num_stages=1))]
+        return [(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=8, num_stages=2))]
     if dtype in (torch.float16, torch.bfloat16) or block_d <= 128:
         return [(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=4, num_stages=2))]
     # 4- and 8-byte inputs at D > 128. fp32 D = 256, ptxas: 4 warps spilled 13-21 KB per
     # thread in both sweeps; 8 warps leaves sweep 2 clean and sweep 1 (targets) at 668 B.
     return [(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d), dict(num_warps=8, num_stages=1))]
+
+
+def _sweep_launch(launch: dict, blocks: dict, dtype: torch.dtype, sweep: int, momentum: bool, ids: bool) -> dict:
+    """Launch options of sweep ``sweep`` (1 or 2) on the tile ``blocks``: the tile's own,
+    except where ptxas showed a spill that another pipelining depth removes."""
+    if not launch:  # the interpreter
+        return launch
+    tile = (blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_D"])
+    if sweep == 2 and ids and dtype in (torch.float16, torch.bfloat16) and tile == (32, 64, 256):
+        return dict(launch, num_stages=1)  # ptxas: 8 / 4 B spilled at 2 stages, 255 registers clean at 1
+    if sweep == 2 and ids and not momentum and dtype == torch.float32 and tile == (16, 32, 256):
+        return dict(launch, num_stages=2)  # ptxas: 6 KB spilled at 1 stage, 212 registers clean at 2
+    return launch
+
+
+def _momentum_lse_apart(dtype: torch.dtype, blocks: dict, launch: dict) -> bool:
+    """Whether sweep 1 leaves the momentum logits' log-sum-exp to a pass of its own (sweep 1
+    without targets on ``Qm``). float32 at D = 256 (16 x 32, 8 warps): ptxas spilled
+    660-820 B per thread in sweep 1 with targets at every tile and warp count tried (16 x 16
+    to 32 x 32, 4 to 16 warps, 1-2 stages: the two loop-invariant [16, 256] float32 operands
+    of the FMA products, Q and Qm, do not fit beside the accumulator), while sweep 1
+    without targets is clean (171 registers). The pass costs one more read of the keys and
+    a discarded ``sum e K`` ([SPLITS, B, D]); predicted cheaper than the spill's local
+    memory traffic in the inner loop, not yet timed."""
+    return bool(launch) and dtype == torch.float32 and blocks["BLOCK_D"] == 256
 
 
 def _combine_config(D: int):
@@ -560,7 +598,8 @@ def _split_count(n_tiles: int, wanted: int, max_splits: int):
     return per, triton.cdiv(n_tiles, per)
 
 
-def _plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, splits: Optional[int] = None):
+def _plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, splits: Optional[int] = None,
+          momentum: bool = False, ids: bool = False):
     """Blocks, launch options, keys per split and split count of the two sweeps.
 
     The grid is ``ceil(B / BLOCK_M) x SPLITS`` programs. For each candidate tile (largest
@@ -573,7 +612,7 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, spli
     elem = torch.empty((), dtype=dtype).element_size()
     target = PROGRAMS_PER_SM * sm_count(device)
     best = None
-    for blocks, launch in _tile_candidates(D, dtype):
+    for blocks, launch in _tile_candidates(D, dtype, momentum, ids):
         bm, bn = blocks["BLOCK_M"], blocks["BLOCK_N"]
         row_blocks = triton.cdiv(B, bm)
         n_tiles = triton.cdiv(N, bn)
@@ -650,11 +689,14 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
     kid0, kid1 = _key_id_parts(key_ids, n0, N, two_parts) if has_ids else (q, q)
     rid = ids if has_ids else q
     id_args = (rid.stride(0), kid0.stride(0), kid1.stride(0))
-    blocks, launch, keys_per_split, n_splits = _plan(B, N, D, q.dtype, dev, splits)
+    blocks, launch, keys_per_split, n_splits = _plan(B, N, D, q.dtype, dev, splits, momentum=has_targets, ids=has_ids)
     flags = _flags(q.dtype)
+    lse_apart = has_targets and _momentum_lse_apart(q.dtype, blocks, launch)
     # Partial buffers; every element the later kernels read is written by the sweeps
-    # (rows < B, d < D; rows 4-5 with momentum targets, row 6 with ids).
-    pstat = _empty(7 if has_ids else (6 if has_targets else 4), n_splits, B, device=dev, dtype=acc)
+    # (rows < B, d < D; rows 4-5 with momentum targets, row 6 with ids; with the momentum
+    # log-sum-exp apart its pass writes rows 4-7, of which 6-7 are not read or are rewritten).
+    pstat = _empty(8 if lse_apart else 7 if has_ids else (6 if has_targets else 4), n_splits, B, device=dev,
+                   dtype=acc)
     pacc = _empty(n_splits, B, D, device=dev, dtype=acc)
     if two_sweeps:
         p2stat = _empty(3, n_splits, B, device=dev, dtype=acc)
@@ -663,12 +705,23 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
         p2stat, p2acc = pstat, pacc  # unused (TWO_SWEEPS=False)
     key_args = (k0.stride(0), k0.stride(1), k1.stride(0), k1.stride(1))
     grid = (triton.cdiv(B, blocks["BLOCK_M"]), n_splits)
+    if lse_apart:  # (max, sum) of exp(zm) into rows 4-5: sweep 1 without targets over Qm
+        scratch = _empty(n_splits, B, D, device=dev, dtype=acc)
+        _focal_itc_sweep1_kernel[grid](
+            qm_, qm_, k0, k1, tau, rid, kid0, kid1, pstat[4:], scratch,
+            B, N, n0, D, keys_per_split, pos_offset,
+            qm_.stride(0), qm_.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
+            pstat.stride(0), pstat.stride(1), scratch.stride(0), scratch.stride(1),
+            HAS_TARGETS=False, HAS_IDS=False, TWO_PARTS=two_parts, **flags, **blocks,
+            **_sweep_launch(launch, blocks, q.dtype, 1, False, False),
+        )
     _focal_itc_sweep1_kernel[grid](
         q, qm_, k0, k1, tau, rid, kid0, kid1, pstat, pacc,
         B, N, n0, D, keys_per_split, pos_offset,
         q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
         pstat.stride(0), pstat.stride(1), pacc.stride(0), pacc.stride(1),
-        HAS_TARGETS=has_targets, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks, **launch,
+        HAS_TARGETS=has_targets and not lse_apart, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks,
+        **_sweep_launch(launch, blocks, q.dtype, 1, has_targets and not lse_apart, has_ids),
     )
     if two_sweeps:
         _focal_itc_sweep2_kernel[grid](
@@ -677,7 +730,8 @@ def focal_itc_direction_triton(q, keys, qm, tau, gamma: float, alpha: float, *, 
             q.stride(0), q.stride(1), qm_.stride(0), qm_.stride(1), *key_args, *id_args,
             pstat.stride(0), pstat.stride(1), p2acc.stride(0), p2acc.stride(1),
             *split_f32(gamma), *split_f32(alpha),
-            HAS_MOMENTUM=has_targets, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks, **launch,
+            HAS_MOMENTUM=has_targets, HAS_IDS=has_ids, TWO_PARTS=two_parts, **flags, **blocks,
+            **_sweep_launch(launch, blocks, q.dtype, 2, has_targets, has_ids),
         )
     loss = _empty(B, device=dev, dtype=acc)
     dtau = _empty(B, device=dev, dtype=acc)
@@ -703,7 +757,7 @@ def _key_grad_plan(B: int, N: int, D: int, dtype: torch.dtype, device: torch.dev
     spills in this kernel at D = 256, the 32-row one does not) and the split of the query
     rows: ``ceil(N / BLOCK_N) x SPLITS`` programs, aiming at ``PROGRAMS_PER_SM`` per SM,
     each split at least one BLOCK_M tile of rows."""
-    blocks, launch = _tile_candidates(D, dtype)[0]
+    blocks, launch = _tile_candidates(D, dtype)[0]  # D = 512 half, ptxas: 32 x 32 / 8 warps clean with ids too
     bm = blocks["BLOCK_M"]
     row_tiles = triton.cdiv(B, bm)
     if splits is not None:
