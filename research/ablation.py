@@ -4,6 +4,8 @@
     python -m research.ablation --render          # table and figure from the committed rows only
     python -m research.ablation --suite recipe_800     # the recipe's first version (800 steps)
     python -m research.ablation --suite from_scratch   # the earlier default's ablation (random-init ViT)
+    python -m research.ablation --suite partial        # the default's ablation on shapes-partial (partial captions)
+    python -m research.ablation --suite longtail       # ... on shapes-longtail (long-tailed training combinations)
 
 Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 1,200 steps of 48 pairs, the
 shapes recipe: the shipped ViT and local attention on both sides, ITM on the clean caption, soft masks at
@@ -62,12 +64,31 @@ FROM_SCRATCH_CONFIGS: dict[str, dict] = {
 # soft masks at floor 0.5 (docs/TRAINING_NOTES.md H32-H40); pinned so that the command reproduces its rows
 _RECIPE_800 = {"steps": 800, "itm_text_aug": True, "mask_floor": 0.5}
 RECIPE_800_CONFIGS: dict[str, dict] = {name: {**_RECIPE_800, **over} for name, over in RECIPE_CONFIGS.items()}
-SUITES = {"recipe": RECIPE_CONFIGS, "recipe_800": RECIPE_800_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS}
+# the default job's ablation on the variants where the paper's parts should show (docs/method.md; issue 29): captions
+# that name part of the image, and a long-tailed training set (the default job's settings, another --data)
+PARTIAL_CONFIGS: dict[str, dict] = {name: {"data": "shapes-partial", **over} for name, over in RECIPE_CONFIGS.items()}
+LONGTAIL_CONFIGS: dict[str, dict] = {name: {"data": "shapes-longtail", **over} for name, over in RECIPE_CONFIGS.items()}
+SUITES = {"recipe": RECIPE_CONFIGS, "recipe_800": RECIPE_800_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS,
+          "partial": PARTIAL_CONFIGS, "longtail": LONGTAIL_CONFIGS}
 METRICS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color")
 PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
+# ALBEF-protocol grounding, the occlusion evaluation (occ_*: eval.json's "occlusion") and the long tail's head / tail
+# split (lt_*: "long_tail"), where a run's evaluation has them
+GROUNDING = ("grounding_acc", "occ_itm_clean", "occ_itm_occluded", "occ_tr_r1_clean", "occ_tr_r1_occluded",
+             "occ_pointing_clean", "occ_pointing_occluded", "lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head",
+             "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail")
 RESULTS = os.path.join("bench_results", "ablation")
 SUITE_RESULTS = {"recipe": RESULTS, "recipe_800": os.path.join(RESULTS, "recipe_800"),
-                 "from_scratch": os.path.join(RESULTS, "from_scratch")}
+                 "from_scratch": os.path.join(RESULTS, "from_scratch"), "partial": os.path.join(RESULTS, "partial"),
+                 "longtail": os.path.join(RESULTS, "longtail")}
+
+
+def flat_metrics(ev: dict) -> dict:
+    """The row's values of :data:`GROUNDING` from an ``eval.json`` (absent ones left out)."""
+    out = {k: ev[k] for k in ("grounding_acc",) if k in ev}
+    out.update({f"occ_{k}": v for k, v in ev.get("occlusion", {}).items()})
+    out.update({f"lt_{k}": v for k, v in ev.get("long_tail", {}).items()})
+    return out
 
 
 def _load(path: str) -> list[dict]:
@@ -94,7 +115,7 @@ def run_one(config: str, seed: int, out: str, threads: int, extra: dict, suite: 
     summary = train(cfg)
     ev = summary["eval"]
     row = {"config": config, "seed": seed, **{k: ev[k] for k in METRICS}, **{k: ev[k] for k in PROBE if k in ev},
-           "wall_s": time.time() - t0, "threads": threads}
+           **flat_metrics(ev), "wall_s": time.time() - t0, "threads": threads}
     if extra:
         row["overrides"] = extra
     return row
@@ -172,20 +193,29 @@ def render(results: str, suite: str = "recipe") -> str:
     for r in rows:
         by.setdefault(r["config"], []).append(r)
     order = [c for c in configs if c in by] + sorted(c for c in by if c not in configs)
-    cols = METRICS + PROBE
-    lines = ["| config | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for c in order:
-        cells = []
-        for k in cols:
-            xs = [r[k] for r in by[c] if k in r]
-            if not xs:
-                cells.append("")
-                continue
-            m, sd = _stats(xs)
-            prec = 2 if k in PROBE else 1
-            cells.append(f"{m:.{prec}f} ± {sd:.{prec}f}" if len(xs) > 1 else f"{m:.{prec}f}")
-        lines.append(f"| {c} | {len(by[c])} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+
+    def table_of(cols):
+        lines = ["| config | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for c in order:
+            cells = []
+            for k in cols:
+                xs = [r[k] for r in by[c] if r.get(k) is not None]
+                if not xs:
+                    cells.append("")
+                    continue
+                m, sd = _stats(xs)
+                prec = 2 if k in PROBE or "_itm_" in k else 1
+                cells.append(f"{m:.{prec}f} ± {sd:.{prec}f}" if len(xs) > 1 else f"{m:.{prec}f}")
+            lines.append(f"| {c} | {len(by[c])} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    table = table_of(METRICS + PROBE)
+    more = [k for k in GROUNDING if any(r.get(k) is not None for r in rows)]
+    if more:
+        table += ("\n\nALBEF-protocol grounding (% of objects whose box the Grad-CAM picks), the occlusion evaluation "
+                  "(`occ_*`: ITM match probability, text R@1 and pointing of the remaining objects' shape words, each "
+                  "on the images as they are and with one named object painted over) and the long tail's head / tail "
+                  "(`lt_*`), as `eval.json` has them:\n\n" + table_of(more))
     md = ("# Ablation on the embedded shapes data\n\n"
           "Written by `python -m research.ablation` from `ablation.json` (one row per config and seed). "
           "Retrieval in % on the 256 held-out pairs (ITM rerank of the ITC top 16; `itc_*`: ITC alone); "
@@ -233,7 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=list(SUITES), default="recipe",
                    help="recipe: the default job's ablation; recipe_800: the recipe before 2026-12-02's third session "
                    "(800 steps, ITM on the masked caption, floor 0.5); from_scratch: the default before it "
-                   "(random-init ViT)")
+                   "(random-init ViT); partial / longtail: the default job's ablation on --data shapes-partial / "
+                   "shapes-longtail")
     p.add_argument("--configs", nargs="+", default=None, choices=sorted(set().union(*SUITES.values())),
                    help="default: every configuration of the suite")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
