@@ -16,7 +16,8 @@ it measured), and the summary is rewritten after every step:
   a large device copy (GB/s, bytes read + written) and a large bf16 matrix product (TFLOP/s).
 - ``tests_gpu``, ``tests_kernels``: the kernel tests (``tests/test_focal_itc.py``,
   ``tests/test_focal_itc_ids.py``, ``tests/test_soft_mask.py``) compiled, not interpreted:
-  first the GPU-only ones (fp32 / bf16 / fp16 / fp64 on CUDA), then the rest; JUnit XML kept.
+  first the GPU-only ones (fp32 / bf16 / fp16 / fp64 on CUDA), then the other triton-backend
+  ones (~210; the torch backend's and the input checks stay with the CPU suite); JUnit XML kept.
 - ``accuracy``: bf16 and fp16 results of both ops (backend ``auto``) against the float64
   reference at ALBEF's shapes: the largest error relative to max|truth| per output and
   gradient, next to the CPU tests' tolerance (``tests.helpers.NORM_RTOL``) and the
@@ -86,7 +87,7 @@ class Step:
 STEPS = [
     Step("device", 15, 30, "worker", "device facts, copy GB/s, bf16 matmul TFLOP/s"),
     Step("tests_gpu", 45, 60, "pytest", "GPU-only kernel tests, compiled"),
-    Step("tests_kernels", 55, 60, "pytest", "the other kernel tests, compiled"),
+    Step("tests_kernels", 55, 60, "pytest", "the other triton-backend kernel tests, compiled"),
     Step("accuracy", 25, 60, "worker", "bf16 / fp16 against float64 at ALBEF's shapes"),
     Step("bench_focal_albef_gpu", 55, 60, "bench", "focal ITC albef_gpu (fp32, bf16)"),
     Step("bench_focal_albef", 40, 60, "bench", "focal ITC albef (bf16)"),
@@ -595,7 +596,8 @@ def _pytest_args(step: Step, out: str, dry: bool) -> list:
         if dry:  # one interpreted case of each op
             return args + ["-k", "(test_albef_mode_grid and 2.0-0.4-0.07-dtype0-triton) or "
                                  "(test_soft_mask_matches_eager_autograd and triton-float32-H1-N17-dense-floor0)"]
-        return args + xdist + ["-k", "not gpu"]
+        # the triton-backend tests (the torch backend and input checks run in the CPU suite)
+        return args + xdist + ["-k", "triton and not gpu"]
     bench_json = os.path.join(out, "bench", step.name + ".json")
     bench = ["--benchmark-json", bench_json, "--benchmark-columns=median,iqr,rounds"]
     no_fwd_compile = "not (compile and fwd)"  # one torch.compile graph per shape and dtype: forward + backward
