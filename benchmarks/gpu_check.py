@@ -993,6 +993,7 @@ def main(argv=None) -> int:
     parser.add_argument("--collect", metavar="RESULTS", help="copy bench JSON into RESULTS/<device>/ and render")
     parser.add_argument("--jobs", type=int, default=1,
                         help="dry run only: steps run this many at a time (the CI test uses 2)")
+    parser.add_argument("--allow-no-gpu", action="store_true", help="run the full sizes without a GPU")
     parser.add_argument("--list", action="store_true", help="print the steps and their budgets")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1012,6 +1013,10 @@ def main(argv=None) -> int:
         return 0
     if args.jobs > 1 and not args.dry_run:
         parser.error("--jobs: only with --dry-run (GPU timings need the machine to themselves)")
+    if not (args.dry_run or args.summarize or args.allow_no_gpu or os.path.exists("/dev/nvidiactl")
+            or shutil.which("nvidia-smi")):
+        parser.error("no NVIDIA GPU here (no /dev/nvidiactl, no nvidia-smi): use --dry-run for the CPU rehearsal, "
+                     "or --allow-no-gpu to run the full sizes anyway")
     if not args.summarize:
         steps = [s for s in STEPS if (not args.only or s.name in args.only) and s.name not in args.skip]
         total = args.total_budget if args.total_budget is not None else (None if args.dry_run else TOTAL_BUDGET)

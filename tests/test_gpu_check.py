@@ -138,3 +138,11 @@ def test_parse_junit_and_verbose_log(tmp_path):
                                   "tests/test_a.py::test_skip SKIPPED (needs CUDA) [100%]\n")
     res = gpu_check._parse_verbose_log(str(tmp_path / "log"))
     assert res["counts"] == dict(passed=1, failed=1, errors=0, skipped=1) and res["partial"]
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="the refusal is for machines without an NVIDIA GPU")
+def test_full_sizes_need_a_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": os.path.dirname(sys.executable)})  # no nvidia-smi on PATH
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr
