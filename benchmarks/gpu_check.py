@@ -390,8 +390,9 @@ def _profile_step(torch, step, device, reps: int) -> dict:
 
     avgs = prof.key_averages()
     # Device time per step: the sum of kernel self times (CPU: the ranges' CPU time is all there is).
-    kernels = [e for e in avgs if cuda and dev_time(e, total=False) > 0 and getattr(e, "device_type", None) is not None
-               and "CUDA" in str(e.device_type)]
+    # (the ranges also appear on the device timeline as user annotations: not kernels, left out)
+    kernels = [e for e in avgs if cuda and dev_time(e, total=False) > 0 and e.key not in ranges
+               and "CUDA" in str(getattr(e, "device_type", ""))]
     total_us = sum(dev_time(e, total=False) for e in kernels) if cuda else sum(
         dev_time(e, total=False) for e in avgs)
     top = sorted(kernels if cuda else avgs, key=lambda e: -dev_time(e, total=False))[:15]
@@ -400,7 +401,8 @@ def _profile_step(torch, step, device, reps: int) -> dict:
                          share=dev_time(e, total=False) / max(total_us, 1e-9), calls=e.count) for e in top])
     for label in ranges:
         ev = [e for e in avgs if e.key == label]
-        t = dev_time(ev[0]) if ev else 0.0
+        cpu_side = [e for e in ev if "CUDA" not in str(getattr(e, "device_type", ""))]  # its kernels' time
+        t = dev_time((cpu_side or ev)[0]) if ev else 0.0
         out[label] = dict(ms_per_step=t / reps / 1e3, share=t / max(total_us, 1e-9))
     return out
 
