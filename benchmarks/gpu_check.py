@@ -584,9 +584,12 @@ WORKERS = {"device": worker_device, "accuracy": worker_accuracy, "train_step": w
 # --------------------------------------------------------------------------- step commands (parent)
 
 
-def _pytest_args(step: Step, out: str, dry: bool) -> list:
-    """pytest arguments of the pytest and bench steps."""
-    common = ["-p", "no:cacheprovider", "-v", "-rfEs", f"--junitxml={os.path.join(out, step.name + '.junit.xml')}"]
+def _pytest_args(step: Step, out: str, dry: bool, part: str = "") -> list:
+    """pytest arguments of the pytest and bench steps; a bench step runs in two parts, the
+    fast providers first, then ``part="compile"`` (torch.compile's warm-ups), each with its
+    own JSON, so that a compilation cut off by the budget keeps the other rows."""
+    name = step.name + (f"_{part}" if part else "")
+    common = ["-p", "no:cacheprovider", "-v", "-rfEs", f"--junitxml={os.path.join(out, name + '.junit.xml')}"]
     # Triton's compilations are CPU work (~1-3 s per kernel variant): with pytest-xdist (on the
     # lent machines' image) 4 processes share the GPU
     xdist = [] if dry or importlib.util.find_spec("xdist") is None else ["-n", "4"]
@@ -600,38 +603,44 @@ def _pytest_args(step: Step, out: str, dry: bool) -> list:
                                  "(test_soft_mask_matches_eager_autograd and triton-float32-H1-N17-dense-floor0)"]
         # the triton-backend tests (the torch backend and input checks run in the CPU suite)
         return args + xdist + ["-k", "triton and not gpu"]
-    bench_json = os.path.join(out, "bench", step.name + ".json")
+    bench_json = os.path.join(out, "bench", name + ".json")
     bench = ["--benchmark-json", bench_json, "--benchmark-columns=median,iqr,rounds"]
-    no_fwd_compile = "not (compile and fwd)"  # one torch.compile graph per shape and dtype: forward + backward
+    # one torch.compile graph per shape and dtype (forward + backward): its bwd and full rows
+    providers = "compile and not fwd" if part == "compile" else "not compile"
     if step.name.startswith("bench_focal"):
         shape = step.name[len("bench_focal_"):]
         # "[shape-" matches the test ids of that shape alone ("[clip-" not "cpu_clip-" or "open_clip-")
         sel = "[cpu_small- and ((fused or eager) and full or copy)" if dry else f"[{shape}-"
-        return ["benchmarks/bench_focal_itc.py"] + common + bench + ["-k", f"({sel}) and {no_fwd_compile}"]
+        return ["benchmarks/bench_focal_itc.py"] + common + bench + ["-k", f"({sel}) and {providers}"]
     if step.name == "bench_soft_mask":
         sel = "([cpu_small- and (fused or eager) and full) or copy_bandwidth[cpu_small]" if dry else \
             "[albef- or copy_bandwidth[albef]"
-        return ["benchmarks/bench_soft_mask.py"] + common + bench + ["-k", f"({sel}) and {no_fwd_compile}"]
+        return ["benchmarks/bench_soft_mask.py"] + common + bench + ["-k", f"({sel}) and {providers}"]
     raise ValueError(step.name)
 
 
-def _command(step: Step, out: str, dry: bool) -> list:
+def _commands(step: Step, out: str, dry: bool) -> list:
+    """``[(part, command)]`` of a step: one part, or for a bench step the fast providers and,
+    on a GPU, torch.compile's rows (the dry run leaves torch.compile out: ~20 s per graph here)."""
     me = [sys.executable, "-m", "benchmarks.gpu_check", "--out", out] + (["--dry-run"] if dry else [])
     if step.kind == "worker":
-        return me + ["--worker", step.name]
-    if step.kind in ("pytest", "bench"):
-        return [sys.executable, "-m", "pytest"] + _pytest_args(step, out, dry)
+        return [("", me + ["--worker", step.name])]
+    if step.kind == "pytest":
+        return [("", [sys.executable, "-m", "pytest"] + _pytest_args(step, out, dry))]
+    if step.kind == "bench":
+        return [(part, [sys.executable, "-m", "pytest"] + _pytest_args(step, out, dry, part))
+                for part in ("",) + (() if dry else ("compile",))]
     if step.kind == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), "-m", "benchmarks.gpu_check", "--out", out,
-                "--worker", step.name] + (["--dry-run"] if dry else [])
+        return [("", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr",
+                      "127.0.0.1", "--master_port", str(_free_port()), "-m", "benchmarks.gpu_check", "--out", out,
+                      "--worker", step.name] + (["--dry-run"] if dry else []))]
     raise ValueError(step.kind)
 
 
-def _run_with_budget(cmd: list, log_path: str, budget: float, env: dict) -> tuple:
+def _run_with_budget(cmd: list, log_path: str, budget: float, env: dict, mode: str = "w") -> tuple:
     """``(returncode or None when killed, seconds)``; the whole process group is killed at the budget."""
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, mode) as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -708,24 +717,39 @@ def run_step(step: Step, out: str, dry: bool, budget: float) -> dict:
         os.remove(result_path)
     if step.kind == "bench":
         os.makedirs(os.path.join(out, "bench"), exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out, "bench", step.name + ".json"))
+        for path in glob.glob(os.path.join(out, "bench", step.name + "*.json")):
+            with contextlib.suppress(OSError):
+                os.remove(path)
     log_path = os.path.join(out, step.name + ".log")
-    cmd = _command(step, out, dry)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rc, seconds = _run_with_budget(cmd, log_path, budget, env)
+    t0 = time.perf_counter()
+    rcs, commands, parts_tests, bench_json = [], [], [], []
+    for i, (part, cmd) in enumerate(_commands(step, out, dry)):
+        left = budget - (time.perf_counter() - t0)
+        if left < 3:
+            rcs.append(None)
+            commands.append(f"not run (budget spent): {' '.join(cmd)}")
+            continue
+        rc, _ = _run_with_budget(cmd, log_path, left, env, mode="a" if i else "w")
+        rcs.append(rc)
+        commands.append(" ".join(cmd))
+        if step.kind in ("pytest", "bench"):
+            name = step.name + (f"_{part}" if part else "")
+            tests = _parse_junit(os.path.join(out, name + ".junit.xml")) if rc is not None else None
+            parts_tests.append(tests or _parse_verbose_log(log_path))
+            if step.kind == "bench" and os.path.exists(os.path.join(out, "bench", name + ".json")):
+                bench_json.append(os.path.join("bench", name + ".json"))
+    seconds = time.perf_counter() - t0
+    rc = next((r for r in rcs if r != 0), 0)
     res = dict(step=step.name, what=step.what, started=started, seconds=round(seconds, 1), budget_s=round(budget, 1),
-               returncode=rc, dry_run=dry, command=" ".join(cmd))
+               returncode=rc, dry_run=dry, command=" ; ".join(commands))
     if step.kind in ("pytest", "bench"):
-        tests = _parse_junit(os.path.join(out, step.name + ".junit.xml")) if rc is not None else None
-        res["tests"] = tests or _parse_verbose_log(log_path)
+        res["tests"] = _merge_tests(parts_tests)
         if step.kind == "bench":
-            res["bench_json"] = os.path.relpath(os.path.join(out, "bench", step.name + ".json"), out)
-        ok = rc == 0
+            res["bench_json"] = bench_json
     else:
         res["result"] = _read_json(result_path) or {}
-        ok = rc == 0
-    res["status"] = "timeout" if rc is None else ("ok" if ok else "failed")
+    res["status"] = "timeout" if None in rcs else ("ok" if rc == 0 else "failed")
     if res["status"] != "ok":
         res["log_tail"] = _tail(log_path, 2500)
     if step.name == "default_job" and rc is None:  # the rate so far, from the run's metrics
@@ -733,6 +757,22 @@ def run_step(step: Step, out: str, dry: bool, budget: float) -> dict:
         if rows:
             res["partial"] = dict(last_step=rows[-1]["step"], last_row=rows[-1])
     return res
+
+
+def _merge_tests(parts: list) -> dict:
+    """The test outcomes of a step's parts together."""
+    if len(parts) == 1:
+        return parts[0]
+    out = dict(counts=dict(passed=0, failed=0, errors=0, skipped=0), failures=[], skip_reasons={})
+    for p in parts:
+        for k, v in p["counts"].items():
+            out["counts"][k] += v
+        out["failures"] += p["failures"]
+        for k, v in p["skip_reasons"].items():
+            out["skip_reasons"][k] = out["skip_reasons"].get(k, 0) + v
+        if p.get("partial"):
+            out["partial"] = True
+    return out
 
 
 def _tail(path: str, n: int) -> str:
@@ -866,7 +906,8 @@ def summarize(out: str) -> dict:
     goal_lines, tables = [], []
     for r in results:
         if r["step"].startswith("bench") and r.get("bench_json"):
-            rows = _bench_rows(os.path.join(out, r["bench_json"]))
+            paths = [r["bench_json"]] if isinstance(r["bench_json"], str) else r["bench_json"]
+            rows = [row for p in paths for row in _bench_rows(os.path.join(out, p))]
             lines, goals = _bench_figures(rows, copy_gbps)
             if rows:
                 tables += ["", f"### {r['step']}", ""] + lines
