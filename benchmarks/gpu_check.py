@@ -36,6 +36,18 @@ it measured), and the summary is rewritten after every step:
   an all-reduce and an all-gather, runs two DDP-wrapped steps against the same steps
   unwrapped, and a 2-step training run against the same run in a plain process.
 
+On a lent machine (the device tool: at most 10 minutes per command, 8 files back)::
+
+    run(command="python -m benchmarks.gpu_check --out /tmp/gc --bundle $OUT/gpu_check.tar.gz",
+        timeout_s=560)
+    # here, after: tar xzf <files_at>/gpu_check.tar.gz -C /tmp
+    python -m benchmarks.gpu_check --out /tmp/gc --collect bench_results   # then commit bench_results/
+
+open_clip is not in the machines' image; to time its ``ClipLoss`` at ``clip``, install it
+here into an ignored folder (``pip install --target .gpu_deps --no-deps open_clip_torch ftfy
+wcwidth``), carry that folder and prefix the command with ``PYTHONPATH=.gpu_deps``; without
+it that provider is recorded as skipped, with the reason.
+
 The budgets add up to 460 s, under ``--total-budget`` (465 s): each step gets the smaller of its own
 budget and what is left. ``--dry-run`` runs every step at toy sizes on the CPU (Triton
 through its interpreter) with small budgets, which ``tests/test_gpu_check.py`` does in CI;
