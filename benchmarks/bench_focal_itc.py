@@ -48,6 +48,9 @@ SHAPES = {
     "cpu_small": (256, 4096, 256, 2.0, 0.4, False, (torch.float32,), False),
     "cpu_goal": (1024, 65536, 256, 2.0, 0.4, False, (torch.float32,), False),
     "cpu_clip": (2048, 0, 256, 0.0, 0.0, True, (torch.float32,), False),
+    # CLIP at a batch open_clip runs per process (issue 27's memory goal): ClipLoss holds ~8 [B, B]
+    # float32 tensors of 1 GiB; the eager reference (more of them) is not run.
+    "cpu_clip_large": (16384, 0, 512, 0.0, 0.0, True, (torch.float32,), False),
     # ALBEF's per-GPU ITC: 64 local rows against [64 momentum features; 65,536 queue].
     "albef_gpu": (64, 65536, 256, 2.0, 0.4, False, (torch.float32, torch.bfloat16), True),
     "albef": (512, 65536, 256, 2.0, 0.4, False, (torch.bfloat16,), True),
@@ -104,8 +107,8 @@ def _skip(shape, mode):
         pytest.skip("GPU shape")
     if not gpu_only and CUDA and shape != "cpu_small":
         pytest.skip("CPU-sized shape")
-    if shape == "cpu_goal" and mode != "full":
-        pytest.skip("the CPU goal is measured forward + backward")
+    if shape in ("cpu_goal", "cpu_clip_large") and mode != "full":
+        pytest.skip("the CPU goals are measured forward + backward")
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,6 +139,8 @@ def _loss_fn(provider, gamma, alpha, clip):
 def test_focal_itc(benchmark, shape, dtype, provider, mode):
     (B, queue, D, gamma, alpha, clip, _, gpu_only), ids = _spec(shape)
     _skip(shape, mode)
+    if shape == "cpu_clip_large" and provider == "eager":
+        pytest.skip("the eager reference materializes ~16 [B, B] float32 tensors (16 GiB) at this shape")
     N = B if clip else B + queue
     img, txt, kw = _inputs(B, queue, D, clip, dtype, parts=gpu_only and not clip, ids=ids)
     loss_fn = _loss_fn(provider, gamma, alpha, clip)
@@ -166,7 +171,7 @@ def test_focal_itc(benchmark, shape, dtype, provider, mode):
     per_dir_fwd = 2 * B * N * D * (2 if alpha > 0 else 1)
     per_dir_bwd = 2 * B * N * D * (2 if clip else 1)
     flops = {"fwd": 2 * per_dir_fwd, "bwd": 2 * per_dir_bwd, "full": 2 * (per_dir_fwd + per_dir_bwd)}[mode]
-    rounds = 3 if shape.startswith("cpu_goal") else 5
+    rounds = 3 if shape.startswith(("cpu_goal", "cpu_clip_large")) else 5
     record(benchmark, fn, op="focal_itc", provider=provider, mode=mode, shape=shape, dtype=dtype, device=DEVICE,
            sizes=dict(B=B, N=N, D=D, gamma=gamma, alpha=alpha, clip=clip, ids=ids, key_parts=2 if "text_keys" in kw
                       and isinstance(kw["text_keys"], tuple) else 1),

@@ -326,11 +326,14 @@ def _diag_in_tile(r0: int, r1: int, c0: int, c1: int, off: int, device):
     return torch.arange(i0, i1, device=device) if i0 < i1 else None
 
 
-def _direction_onehot_tiled(q, kk, inv_tau, gamma: float, off: int, acc, want_dk: bool):
+def _direction_onehot_tiled(q, kk, inv_tau, gamma: float, off: int, acc, want_dk: bool, w=None):
     """The one-hot path of :func:`focal_itc_direction_torch` (no momentum targets, no ids),
     tiled over the keys as :func:`_direction_targets_tiled` is; row i's positive is key
-    ``off + i``. With ``want_dk`` it also returns the key gradient for unit row weights,
-    ``sum_i dL_i/dK`` [N, D] (else None), from the same sweep (one more matmul per tile).
+    ``off + i``. With ``want_dk`` it also returns the key gradient ``sum_i w_i dL_i/dK``
+    [N, D] (unit weights without ``w``; else None), from the same sweep (one more matmul
+    per tile). The backward's key gradient for unequal weights reruns this function, so
+    that its logits are those of the forward, bit for bit (a recomputation in another
+    form moves p by eps |z| and, at p -> 1, dz = p S - g by as much relative).
 
     Per block of rows, two sweeps over key tiles of at most :data:`TORCH_TILE_ELEMS` logits:
     (1) base-2 logits z of a tile from the matmul (in cache), the tile's row max m_t, the
@@ -361,6 +364,7 @@ def _direction_onehot_tiled(q, kk, inv_tau, gamma: float, off: int, acc, want_dk
         n = r1 - r0
         qa = q[r0:r1].to(acc)
         qb = qa * scale  # base-2 logits from the matmul (not in place: qa may be the caller's tensor)
+        qw = qa if w is None else qa * w[r0:r1, None].to(acc)
         es = [ws[n * c0:n * c1].view(n, c1 - c0) for c0, c1 in tiles]
         zt_buf = zt_scratch[:n * TK].view(n, TK)
         mt = torch.empty(n, len(tiles), device=dev, dtype=acc)
@@ -394,7 +398,7 @@ def _direction_onehot_tiled(q, kk, inv_tau, gamma: float, off: int, acc, want_dk
                 dz[di, di + (r0 + off - c0)] -= g_ii[di]
             dqb.addmm_(dz, kk[c0:c1])
             if want_dk:
-                dk[c0:c1].addmm_(dz.t(), qa)
+                dk[c0:c1].addmm_(dz.t(), qw)
         loss[r0:r1] = -t_ii * l_ii
         dq[r0:r1] = dqb.mul_(inv_tau)
         dtau[r0:r1] = (g_ii * pz2 - g_ii * z_ii).mul_(-LN2 * inv_tau)  # -(S sum p z - g_ii z_ii) / tau
@@ -658,6 +662,9 @@ def _key_grad(q, k, tau, stats, w, ids, key_ids, gamma, backend, pos_offset=0):
 
         return focal_itc_key_grad_triton(q, k, tau, stats, w, ids=ids, key_ids=key_ids, gamma=gamma,
                                          pos_offset=pos_offset)
+    if ids is None and TILED_ONEHOT:  # the forward's tiled path again, with the weights (docstring there)
+        acc = accum_dtype(q.dtype)
+        return _direction_onehot_tiled(q, k.to(acc), 1.0 / tau.to(acc), gamma, pos_offset, acc, True, w)[4]
     return focal_itc_key_grad_torch(q, k, tau, stats, w, ids=ids, key_ids=key_ids, gamma=gamma, pos_offset=pos_offset)
 
 
