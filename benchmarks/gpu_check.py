@@ -813,8 +813,9 @@ def _fmt(x, spec=".3g"):
     return "" if x is None else format(x, spec)
 
 
-def _bench_figures(rows: list, copy_gbps: Optional[float]) -> tuple:
-    """(table lines, goal lines) of one bench step's rows."""
+def _bench_figures(rows: list, copy_gbps: Optional[float], readme: Optional[list] = None) -> tuple:
+    """(table lines, goal lines) of one bench step's rows; with ``readme``, one README row per
+    op, shape and dtype (forward + backward) is appended to it."""
     lines = ["| op | shape | dtype | mode | provider | median ms | x fused | peak MiB | GB/s | TFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     goals = []
@@ -829,6 +830,14 @@ def _bench_figures(rows: list, copy_gbps: Optional[float]) -> tuple:
                          f"{r.get('peak_mem_bytes', 0) / 2**20:.1f} | {_fmt(r.get('gbps'))} | {_fmt(r.get('tflops'))} |")
         if mode != "full" or not fused:
             continue
+        if readme is not None:
+            x = {p: provs[p]["median"] / fused["median"] for p in ("eager", "compile", "open_clip") if p in provs}
+            mem = (provs["eager"]["peak_mem_bytes"] / max(fused.get("peak_mem_bytes") or 0, 1)
+                   if "eager" in provs else None)
+            share = fused["gbps"] / copy_gbps if copy_gbps and fused.get("gbps") else None
+            readme.append(f"| {op} | {shape} | {dtype} | {fused['median'] * 1e3:.3g} | {_fmt(x.get('eager'), '.2f')} | "
+                          f"{_fmt(x.get('compile'), '.2f')} | {_fmt(x.get('open_clip'), '.2f')} | {_fmt(mem, '.1f')} | "
+                          f"{_fmt(fused.get('tflops'))} | {'' if share is None else f'{100 * share:.0f} %'} |")
         g = GOALS["focal"] if op == "focal_itc" else GOALS["soft_mask"] if op == "soft_mask" else None
         if g is None:
             continue
@@ -917,12 +926,12 @@ def summarize(out: str) -> dict:
     not_run = [s for s in STEP_NAMES if s not in {r["step"] for r in results}]
     if not_run:
         md += ["", "Not run: " + ", ".join(not_run)]
-    goal_lines, tables = [], []
+    goal_lines, tables, readme = [], [], []
     for r in results:
         if r["step"].startswith("bench") and r.get("bench_json"):
             paths = [r["bench_json"]] if isinstance(r["bench_json"], str) else r["bench_json"]
             rows = [row for p in paths for row in _bench_rows(os.path.join(out, p))]
-            lines, goals = _bench_figures(rows, copy_gbps)
+            lines, goals = _bench_figures(rows, copy_gbps, readme)
             if rows:
                 tables += ["", f"### {r['step']}", ""] + lines
             goal_lines += goals
@@ -944,6 +953,10 @@ def summarize(out: str) -> dict:
                                   f"{'met' if w < GOALS['default_job_s'] else 'MISSED'})")
     if goal_lines:
         md += ["", "## Goals of issue 30", ""] + goal_lines
+    if readme:
+        md += ["", f"## README rows ({facts.get('device', 'unknown device')}, forward + backward, medians)", "",
+               "| op | shape | dtype | fused ms | x eager | x compile | x open_clip | eager / fused memory | "
+               "fused TFLOP/s | fused bytes / copy GB/s |", "|---|---|---|---|---|---|---|---|---|---|"] + readme
     acc = next((r for r in results if r["step"] == "accuracy"), None)
     if acc and (acc.get("result") or {}).get("rows"):
         md += ["", "## Accuracy against float64 (max |err| / max |truth|)", "",
