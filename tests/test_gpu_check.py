@@ -81,9 +81,9 @@ def test_only_reruns_one_step_and_collect_renders(dry_run, tmp_path):
     summary = json.load(open(run / "summary.json"))
     assert [s["step"] for s in summary["steps"]] == gpu_check.STEP_NAMES
     dest = gpu_check.collect(str(run), str(tmp_path / "bench_results"))
-    assert sorted(os.listdir(dest)) == sorted(
+    assert sorted(os.listdir(dest)) == sorted(  # the files of the dry run's bench steps
         ["bench_focal_albef_gpu.json", "bench_focal_albef.json", "bench_focal_clip.json", "bench_soft_mask.json",
-         "train_step.json", "gpu_check_summary.md", "gpu_check_summary.json"])
+         "train_step.json", "gpu_check_summary.md", "gpu_check_summary.json"]), os.listdir(os.path.join(run, "bench"))
     assert "## focal_itc / cpu_small" in (tmp_path / "bench_results" / "README.md").read_text()
 
 
