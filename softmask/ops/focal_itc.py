@@ -426,9 +426,11 @@ def _clip_stats_torch(img, txt, inv_tau, gamma: float, acc):
     per-direction path); the gradients, which need every row's and column's lse, come in
     the backward (:func:`_clip_grads_torch`: 3 matmuls, 4 in all against ClipLoss's 6).
 
-    Returns ``(loss_i2t, loss_t2i, dtau_i2t, dtau_t2i)`` [B] each and ``stats`` [6, B]:
-    base-2 lse of rows and columns, g at the diagonal per direction, and the base-2
-    diagonal logit (kept for tests)."""
+    Returns ``(loss_i2t, loss_t2i)`` [B] each and ``stats`` [5, B]: base-2 lse of rows and
+    columns, g at the diagonal per direction, and the base-2 diagonal logit. The
+    temperature's gradient comes with the features' in the backward: both directions'
+    logits are ``img @ txt.T / tau``, so ``dL/dtau = -(1/tau) sum_i img_i . dL/dimg_i``
+    (no ``sum p z`` pass here)."""
     B, D = img.shape
     dev = img.device
     TM, TK = _clip_tile(B)
@@ -437,18 +439,15 @@ def _clip_stats_torch(img, txt, inv_tau, gamma: float, acc):
     scale = inv_tau * LOG2E
     ta = txt.to(acc)
     z_d = torch.zeros(B, device=dev, dtype=acc)  # the diagonal, base 2
-    mc = torch.full((B,), -math.inf, device=dev, dtype=acc)  # column (text-to-image) running max, sum, sum e z
+    mc = torch.full((B,), -math.inf, device=dev, dtype=acc)  # column (text-to-image) running max and sum
     sc = torch.zeros(B, device=dev, dtype=acc)
-    pzc = torch.zeros(B, device=dev, dtype=acc)
     mr = torch.empty(B, device=dev, dtype=acc)
     sr = torch.empty_like(mr)
-    pzr = torch.empty_like(mr)
     for r0, r1 in rblocks:
         n = r1 - r0
         ib = img[r0:r1].to(acc) * scale
         m = torch.full((n,), -math.inf, device=dev, dtype=acc)
         s = torch.zeros(n, device=dev, dtype=acc)
-        pz = torch.zeros(n, device=dev, dtype=acc)
         for c0, c1 in ctiles:
             w = c1 - c0
             z = ws[:n * w].view(n, w)
@@ -462,27 +461,24 @@ def _clip_stats_torch(img, txt, inv_tau, gamma: float, acc):
             f = torch.exp2(m - m_new)
             torch.sub(z, m_new[:, None], out=e).exp2_()
             s.mul_(f).add_(e.sum(1))
-            pz.mul_(f).add_(_rowdot(e, z))
             m = m_new
             # columns: online over the row blocks
             mcn = torch.maximum(mc[c0:c1], z.amax(0))
             fc = torch.exp2(mc[c0:c1] - mcn)
             torch.sub(z, mcn[None, :], out=e).exp2_()
-            sc[c0:c1] = sc[c0:c1] * fc + e.sum(0)
-            pzc[c0:c1] = pzc[c0:c1] * fc + torch.linalg.vecdot(e, z, dim=0)
+            sc[c0:c1] = sc[c0:c1].mul_(fc).add_(e.sum(0))
             mc[c0:c1] = mcn
-        mr[r0:r1], sr[r0:r1], pzr[r0:r1] = m, s, pz
-    out = []
-    stats = torch.empty(6, B, device=dev, dtype=acc)
-    for i, (m, s, pz) in enumerate(((mr, sr, pzr), (mc, sc, pzc))):
+        mr[r0:r1], sr[r0:r1] = m, s
+    losses = []
+    stats = torch.empty(5, B, device=dev, dtype=acc)
+    for i, (m, s) in enumerate(((mr, sr), (mc, sc))):
         lse2 = torch.log2(s).add_(m)
         l_d = (z_d - lse2) * LN2
         t_d, g_d = _focal_terms_torch(l_d, torch.exp(l_d), gamma)
-        out.append((-t_d * l_d, (g_d * (pz / s) - g_d * z_d).mul_(-LN2 * inv_tau)))
+        losses.append(-t_d * l_d)
         stats[i], stats[2 + i] = lse2, g_d
     stats[4] = z_d
-    stats[5] = 0.0
-    return out[0][0], out[1][0], out[0][1], out[1][1], stats
+    return losses[0], losses[1], stats
 
 
 def _clip_grads_torch(img, txt, inv_tau, stats, w1, w2, acc):
@@ -490,7 +486,8 @@ def _clip_grads_torch(img, txt, inv_tau, stats, w1, w2, acc):
     :func:`_clip_stats_torch`'s statistics: per tile of Z,
     ``dZ = w1_i g1_i p_row + w2_j g2_j p_col`` minus ``w1_i g1_i + w2_i g2_i`` on the diagonal
     (the focal ``dL/dz = p S - q g`` of both directions, S = g at the positive), then
-    ``dimg += dZ @ txt_tile``, ``dtxt_tile += dZ.T @ img_block``. 3 matmuls of B*B*D."""
+    ``dimg += dZ @ txt_tile``, ``dtxt_tile += dZ.T @ img_block``. 3 matmuls of B*B*D.
+    Returns ``(dimg, dtxt, dtau)``, ``dtau = -(1/tau) sum_i img_i . dimg_i``."""
     B, D = img.shape
     dev = img.device
     TM, TK = _clip_tile(B)
@@ -512,14 +509,17 @@ def _clip_grads_torch(img, txt, inv_tau, stats, w1, w2, acc):
             z = ws[:n * w].view(n, w)
             e = ws[TM * TK:TM * TK + n * w].view(n, w)
             torch.mm(ib, ta[c0:c1].t(), out=z)
-            torch.sub(z, lse_r[r0:r1, None], out=e).exp2_().mul_(a_r[r0:r1, None])  # w1 g1 p_row
-            dz = z.sub_(lse_c[None, c0:c1]).exp2_().mul_(a_c[None, c0:c1]).add_(e)  # + w2 g2 p_col
+            torch.sub(z, lse_r[r0:r1, None], out=e).exp2_()  # p_row
+            dz = z.sub_(lse_c[None, c0:c1]).exp2_().mul_(a_c[None, c0:c1])  # w2 g2 p_col
+            dz.addcmul_(e, a_r[r0:r1, None])  # + w1 g1 p_row
             di = _diag_in_tile(r0, r1, c0, c1, 0, dev)
             if di is not None:
                 dz[di, di + (r0 - c0)] -= a_d[di + r0]
             d_img[r0:r1].addmm_(dz, ta[c0:c1])
             d_txt[c0:c1].addmm_(dz.t(), ia)
-    return d_img.mul_(inv_tau), d_txt.mul_(inv_tau)
+    d_img.mul_(inv_tau)
+    d_tau = torch.linalg.vecdot(img.to(acc), d_img).sum().mul_(-inv_tau)
+    return d_img, d_txt.mul_(inv_tau), d_tau
 
 
 def focal_itc_direction_torch(q, k, qm, tau, gamma: float, alpha: float, *, ids=None, key_ids=None,
@@ -812,9 +812,9 @@ _focal_itc_rows.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("softmask::focal_clip_rows", mutates_args=())
 def _focal_clip_rows(image_feat: Tensor, text_feat: Tensor, temperature: Tensor,
-                     gamma: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     gamma: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The torch backend's CLIP mode without ids (:func:`_clip_stats_torch`):
-    ``(loss_i2t [B], loss_t2i [B], dL_i2t/dtau [B], dL_t2i/dtau [B], stats [6, B])``."""
+    ``(loss_i2t [B], loss_t2i [B], stats [5, B])``."""
     acc = accum_dtype(image_feat.dtype)
     return _clip_stats_torch(image_feat, text_feat, 1.0 / temperature.detach().to(acc), gamma, acc)
 
@@ -824,13 +824,14 @@ def _(image_feat, text_feat, temperature, gamma):
     B = image_feat.shape[0]
     acc = accum_dtype(image_feat.dtype)
     row = lambda: image_feat.new_empty(B, dtype=acc)  # noqa: E731
-    return row(), row(), row(), row(), image_feat.new_empty(6, B, dtype=acc)
+    return row(), row(), image_feat.new_empty(5, B, dtype=acc)
 
 
 @torch.library.custom_op("softmask::focal_clip_grads", mutates_args=())
 def _focal_clip_grads(image_feat: Tensor, text_feat: Tensor, temperature: Tensor, stats: Tensor, w1: Tensor,
-                      w2: Tensor) -> Tuple[Tensor, Tensor]:
-    """Gradients of ``sum_i w1_i L_i2t_i + w2_i L_t2i_i`` (:func:`_clip_grads_torch`)."""
+                      w2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum_i w1_i L_i2t_i + w2_i L_t2i_i`` with respect to the features and
+    the temperature (:func:`_clip_grads_torch`)."""
     acc = accum_dtype(image_feat.dtype)
     return _clip_grads_torch(image_feat, text_feat, 1.0 / temperature.detach().to(acc), stats, w1, w2, acc)
 
@@ -838,27 +839,24 @@ def _focal_clip_grads(image_feat: Tensor, text_feat: Tensor, temperature: Tensor
 @_focal_clip_grads.register_fake
 def _(image_feat, text_feat, temperature, stats, w1, w2):
     acc = accum_dtype(image_feat.dtype)
-    return image_feat.new_empty(image_feat.shape, dtype=acc), text_feat.new_empty(text_feat.shape, dtype=acc)
+    return (image_feat.new_empty(image_feat.shape, dtype=acc), text_feat.new_empty(text_feat.shape, dtype=acc),
+            image_feat.new_empty((), dtype=acc))
 
 
 def _clip_setup_context(ctx, inputs, output):
     image_feat, text_feat, temperature, _ = inputs
-    _, _, dt1, dt2, stats = output
-    ctx.save_for_backward(image_feat, text_feat, temperature, dt1, dt2, stats)
-    ctx.mark_non_differentiable(dt1, dt2, stats)
+    ctx.save_for_backward(image_feat, text_feat, temperature, output[2])
+    ctx.mark_non_differentiable(output[2])
 
 
 def _clip_backward(ctx, g1, g2, *_unused):
-    image_feat, text_feat, temperature, dt1, dt2, stats = ctx.saved_tensors
-    g1 = torch.zeros_like(dt1) if g1 is None else g1.to(dt1.dtype)
-    g2 = torch.zeros_like(dt2) if g2 is None else g2.to(dt2.dtype)
-    d_image = d_text = d_tau = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        d_image, d_text = _focal_clip_grads(image_feat, text_feat, temperature, stats, g1, g2)
-        d_image, d_text = d_image.to(image_feat.dtype), d_text.to(text_feat.dtype)
-    if ctx.needs_input_grad[2]:
-        d_tau = (g1 * dt1 + g2 * dt2).sum().to(temperature.dtype)
-    return d_image, d_text, d_tau, None
+    image_feat, text_feat, temperature, stats = ctx.saved_tensors
+    g1 = torch.zeros_like(stats[0]) if g1 is None else g1.to(stats.dtype)
+    g2 = torch.zeros_like(stats[0]) if g2 is None else g2.to(stats.dtype)
+    d_image, d_text, d_tau = _focal_clip_grads(image_feat, text_feat, temperature, stats, g1, g2)
+    return (d_image.to(image_feat.dtype) if ctx.needs_input_grad[0] else None,
+            d_text.to(text_feat.dtype) if ctx.needs_input_grad[1] else None,
+            d_tau.to(temperature.dtype) if ctx.needs_input_grad[2] else None, None)
 
 
 _focal_clip_rows.register_autograd(_clip_backward, setup_context=_clip_setup_context)
