@@ -75,7 +75,8 @@ PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
 # ALBEF-protocol grounding, the occlusion evaluation (occ_*: eval.json's "occlusion") and the long tail's head / tail
 # split (lt_*: "long_tail"), where a run's evaluation has them
 GROUNDING = ("grounding_acc", "occ_itm_clean", "occ_itm_occluded", "occ_tr_r1_clean", "occ_tr_r1_occluded",
-             "occ_pointing_clean", "occ_pointing_occluded", "lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head",
+             "occ_pointing_clean", "occ_pointing_occluded", "occh_itm_occluded", "occh_tr_r1_occluded",
+             "occh_pointing_occluded", "lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head",
              "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail")
 RESULTS = os.path.join("bench_results", "ablation")
 SUITE_RESULTS = {"recipe": RESULTS, "recipe_800": os.path.join(RESULTS, "recipe_800"),
@@ -87,6 +88,7 @@ def flat_metrics(ev: dict) -> dict:
     """The row's values of :data:`GROUNDING` from an ``eval.json`` (absent ones left out)."""
     out = {k: ev[k] for k in ("grounding_acc",) if k in ev}
     out.update({f"occ_{k}": v for k, v in ev.get("occlusion", {}).items()})
+    out.update({f"occh_{k}": v for k, v in ev.get("occlusion_half", {}).items() if k.endswith("_occluded")})
     out.update({f"lt_{k}": v for k, v in ev.get("long_tail", {}).items()})
     return out
 
@@ -213,8 +215,9 @@ def render(results: str, suite: str = "recipe") -> str:
     more = [k for k in GROUNDING if any(r.get(k) is not None for r in rows)]
     if more:
         table += ("\n\nALBEF-protocol grounding (% of objects whose box the Grad-CAM picks), the occlusion evaluation "
-                  "(`occ_*`: ITM match probability, text R@1 and pointing of the remaining objects' shape words, each "
-                  "on the images as they are and with one named object painted over) and the long tail's head / tail "
+                  "(`occ_*`: ITM match probability, text R@1 and pointing of the other named objects' shape words, each "
+                  "on the images as they are and with one named object painted over; `occh_*`: only its left half "
+                  "painted over) and the long tail's head / tail "
                   "(`lt_*`), as `eval.json` has them:\n\n" + table_of(more))
     md = ("# Ablation on the embedded shapes data\n\n"
           "Written by `python -m research.ablation` from `ablation.json` (one row per config and seed). "

@@ -109,6 +109,11 @@ def test_occluded_image_paints_one_named_object_over(variant):
         assert (a[outside] == b[outside]).all()  # the same background, noise and other objects
         assert (a[~outside] != b[~outside]).any()  # the object is gone
         assert ds.occlusion_choice(i) == drop  # the seeded rule
+        half = np.asarray(ds.occluded(i, "half")["image"]).astype(int)
+        xm = (x0 + x1) // 2
+        left = np.zeros(a.shape[:2], dtype=bool)
+        left[y0:y1, x0:xm] = True
+        assert (half[left] == b[left]).all() and (half[~left] == a[~left]).all()  # only the left half is gone
         done += 1
     assert done >= 10
 
@@ -221,11 +226,12 @@ def test_runs_report_grounding_and_occlusion(runs):
     for data, (d, summary) in runs.items():
         ev = json.load(open(os.path.join(d, "eval.json")))
         assert 0 <= ev["grounding_acc"] <= 100 and ev["grounding_n"] > 0 and ev["grounding_layer"] == 0
-        occ = ev["occlusion"]
-        assert occ["n"] > 0 and occ["pointing_n"] > 0
-        for name in ("clean", "occluded"):
-            assert 0 <= occ[f"itm_{name}"] <= 1 and occ[f"tr_rank_{name}"] >= 1
-            assert 0 <= occ[f"tr_r1_{name}"] <= occ[f"tr_r5_{name}"] <= 100
+        for occ in (ev["occlusion"], ev["occlusion_half"]):
+            assert occ["n"] > 0 and occ["pointing_n"] > 0
+            for name in ("clean", "occluded"):
+                assert 0 <= occ[f"itm_{name}"] <= 1 and occ[f"tr_rank_{name}"] >= 1
+                assert 0 <= occ[f"tr_r1_{name}"] <= occ[f"tr_r5_{name}"] <= 100
+        assert ev["occlusion"]["itm_clean"] == ev["occlusion_half"]["itm_clean"]
     lt = json.load(open(os.path.join(runs["shapes-longtail"][0], "eval.json")))["long_tail"]
     assert lt["images_head"] + lt["images_tail"] == 24 and lt["objects_head"] > 0 and lt["objects_tail"] > 0
     assert "long_tail" not in json.load(open(os.path.join(runs["shapes-partial"][0], "eval.json")))
@@ -246,10 +252,11 @@ def test_grounding_chance_and_occlusion_against_itself(runs, monkeypatch):
     g = shapes_grounding(model, tok, enc, ds)
     per = [1 / len(ds.scene(i)["scene_objects"]) for i in range(24) for _ in ds.scene(i)["objects"]]
     assert g["grounding_n"] == len(per) and g["grounding_chance"] == pytest.approx(100 * sum(per) / len(per))
-    monkeypatch.setattr(ds, "occluded", lambda i: {**ds[i], "objects": ds[i]["objects"][1:]})
-    occ = occlusion_eval(model, tok, enc, ds)["occlusion"]
-    for key in ("itm", "tr_rank", "tr_r1", "pointing", "pointing_color"):
-        assert occ[f"{key}_clean"] == pytest.approx(occ[f"{key}_occluded"], rel=1e-5), key
+    monkeypatch.setattr(ds, "occluded", lambda i, part: {**ds[i], "objects": ds[i]["objects"][1:]})
+    res = occlusion_eval(model, tok, enc, ds)
+    for occ in (res["occlusion"], res["occlusion_half"]):
+        for key in ("itm", "tr_rank", "tr_r1", "pointing", "pointing_color"):
+            assert occ[f"{key}_clean"] == pytest.approx(occ[f"{key}_occluded"], rel=1e-5), key
 
 
 def test_partial_training_passes_holds_to_the_model(tmp_path, monkeypatch):

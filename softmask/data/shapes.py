@@ -353,7 +353,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index) -> dict:
         return self._item(self._check_index(index))
 
-    def _item(self, index: int, occlude: Optional[int] = None) -> dict:
+    def _item(self, index: int, occlude: Optional[int] = None, part: str = "whole") -> dict:
         rng = self._rng(index)
         scene = sample_scene(rng, self.image_size, variant=self._draw)
         drawn = scene
@@ -361,6 +361,13 @@ class ShapesDataset(torch.utils.data.Dataset):
             gone = scene["objects"][occlude]
             drawn = {**scene, "scene_objects": [o for o in scene.get("scene_objects", scene["objects"]) if o is not gone]}
         image = render_scene(drawn, self.image_size, rng)
+        if occlude is not None and part == "half":  # only the object's left half painted over
+            full = self._rng(index)
+            whole = render_scene(sample_scene(full, self.image_size, variant=self._draw), self.image_size, full)
+            x0, y0, x1, y1 = (int(v) for v in gone["box"])
+            keep = whole.copy()
+            keep.paste(image.crop((x0, y0, (x0 + x1) // 2, y1)), (x0, y0))
+            image = keep
         if self.transform is not None:
             image = self.transform(image)
         copy = lambda objs: [{"word": o["word"], "color": o["color"], "box": list(o["box"])} for o in objs]  # noqa: E731
@@ -385,16 +392,19 @@ class ShapesDataset(torch.utils.data.Dataset):
             return None
         return int(np.random.default_rng([self.seed, SPLITS[self.split], index, 7]).integers(n))
 
-    def occluded(self, index: int) -> dict:
+    def occluded(self, index: int, part: str = "whole") -> dict:
         """Item ``index`` with one named object (:meth:`occlusion_choice`) painted over by the background (the
         same background and noise), the caption unchanged (it still names the object): ``"objects"`` are the
-        remaining named objects, ``"occluded"`` the one painted over. Raises ValueError for an item with fewer
-        than two named objects."""
+        remaining named objects, ``"occluded"`` the one painted over. ``part="half"`` paints over the left half of
+        the object's box only, so that the caption stays true of the image. Raises ValueError for an item with
+        fewer than two named objects."""
         index = self._check_index(index)
+        if part not in ("whole", "half"):
+            raise ValueError(f"part: expected 'whole' or 'half', got {part!r}")
         drop = self.occlusion_choice(index)
         if drop is None:
             raise ValueError(f"index: item {index} names fewer than two objects; expected one that names two or more")
-        return self._item(index, occlude=drop)
+        return self._item(index, occlude=drop, part=part)
 
     @property
     def txt2img(self) -> list[int]:

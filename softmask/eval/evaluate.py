@@ -393,7 +393,7 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
     in percent; ``num_images``, ``num_texts``, ``rerank_k``, ``chance_r1`` (100 / Ni),
     ``duplicate_captions``. On the shapes data (``grounding``): ALBEF-protocol grounding
     (:func:`softmask.eval.grounding.shapes_grounding`: ``grounding_acc`` ...) and the occlusion evaluation
-    (:func:`softmask.eval.occlusion.occlusion_eval`: ``occlusion``), and on ``shapes-longtail`` the head / tail
+    (:func:`softmask.eval.occlusion.occlusion_eval`: ``occlusion``, ``occlusion_half``), and on ``shapes-longtail`` the head / tail
     split (:func:`softmask.eval.longtail.long_tail_eval`: ``long_tail``)."""
     from softmask.eval.metrics import retrieval_metrics
 

@@ -1,13 +1,16 @@
 """Does a model still match a caption when one object it names is gone? The occlusion evaluation.
 
-Every held-out shapes image whose caption names at least two objects is scored twice against its full caption:
-as it is, and with one named object painted over by the background (the same background and noise; which object:
-:meth:`softmask.data.ShapesDataset.occlusion_choice`, a seeded rule, so every model sees the same images). Per
+Every held-out shapes image whose caption names at least two objects is scored against its full caption as it is,
+with one named object painted over by the background (the same background and noise; which object:
+:meth:`softmask.data.ShapesDataset.occlusion_choice`, a seeded rule, so every model sees the same images), and with
+only the left half of that object painted over. Painted over whole, the caption no longer holds (it names an object
+that is not there): a model that reads the image rejects the pair, whatever the training. Half painted over, the
+object is still there and identifiable by its colour and the rest of its outline, so the caption holds. Per
 version: the ITM match probability of the pair; the rank of the caption in text retrieval with the occluded image
 as the query, among every held-out caption (ITC ranking, the top ``k`` reordered by the ITM match logit first, as
 the retrieval evaluation does; rank 1 is a hit at R@1); and the pointing game of the remaining objects' shape and
-colour words. The drop from ``*_clean`` to ``*_occluded`` is what the paper's soft masks should shrink: a positive
-whose most telling region is dimmed teaches ITM to match from the rest of the image.
+colour words. The drop from ``*_clean`` to ``*_occluded`` under the half occlusion is what the paper's soft masks
+should shrink: a positive whose most telling region is dimmed teaches ITM to match from the rest of the image.
 """
 
 from __future__ import annotations
@@ -58,13 +61,13 @@ def _pointing(model, tokenizer, img_embeds, enc, texts: list, objects: list, wha
 
 
 @torch.no_grad()
-def _encode_occluded(model, tokenizer, dataset, items: list, *, device, batch_size: int, max_len: int):
+def _encode_occluded(model, tokenizer, dataset, items: list, *, part: str, device, batch_size: int, max_len: int):
     from softmask.data import Collator
 
     collate = Collator(tokenizer, max_len)
     embeds, feats, objects = [], [], []
     for s in range(0, len(items), batch_size):
-        batch = collate([dataset.occluded(i) for i in items[s: s + batch_size]])
+        batch = collate([dataset.occluded(i, part) for i in items[s: s + batch_size]])
         ie, ifeat = model.encode_image(batch["image"].to(device))
         embeds.append(ie.float().cpu())
         feats.append(ifeat.float().cpu())
@@ -75,33 +78,42 @@ def _encode_occluded(model, tokenizer, dataset, items: list, *, device, batch_si
 def occlusion_eval(model, tokenizer, enc, dataset, *, k: int = 16, device="cpu", batch_size: int = 64,
                    max_len: int = 32) -> Optional[dict]:
     """The occlusion evaluation (module docstring) of ``dataset`` (a :class:`~softmask.data.ShapesDataset`,
-    ``enc`` its :class:`~softmask.eval.evaluate.EncodedSet`). Returns ``{"occlusion": {...}}`` with ``n`` (images),
-    ``itm_clean`` / ``itm_occluded`` (mean ITM match probability), ``tr_rank_clean`` / ``tr_rank_occluded`` (mean
-    rank of the caption), ``tr_r1_*`` / ``tr_r5_*`` (% at rank <= 1 / 5), ``pointing_clean`` /
-    ``pointing_occluded`` (shape words of the remaining objects, %), ``pointing_color_*`` (colour words),
-    ``pointing_n``; None when the data set has no occlusion rule or no image names two objects."""
+    ``enc`` its :class:`~softmask.eval.evaluate.EncodedSet`). Returns ``{"occlusion": {...}, "occlusion_half":
+    {...}}``: the named object painted over whole (the caption no longer holds: a model that reads the image should
+    say so) and only its left half (the caption still holds: the paper's soft masks should keep the match), each
+    with ``n`` (images), ``itm_clean`` / ``itm_occluded`` (mean ITM match probability), ``tr_rank_clean`` /
+    ``tr_rank_occluded`` (mean rank of the caption), ``tr_r1_*`` / ``tr_r5_*`` (% at rank <= 1 / 5),
+    ``pointing_clean`` / ``pointing_occluded`` (shape words of the other named objects, %), ``pointing_color_*``
+    (colour words), ``pointing_n``; None when the data set has no occlusion rule or no image names two objects."""
     if not hasattr(dataset, "occluded") or not enc.item_index:
         return None
     rows = [i for i, item in enumerate(enc.item_index) if dataset.occlusion_choice(item) is not None]
     if not rows:
         return None
     items = [enc.item_index[i] for i in rows]
-    occ_embeds, occ_feats, remaining = _encode_occluded(model, tokenizer, dataset, items, device=device,
-                                                        batch_size=batch_size, max_len=max_len)
     texts = [enc.img2txt[i][0] for i in rows]  # the full caption of each image
     hits = enc.text_hits()
     own = [hits[i] for i in rows]
     idx, t = torch.arange(len(rows)), torch.tensor(texts)
-    clean_embeds, clean_feats = enc.img_embeds[torch.tensor(rows)], enc.img_feats[torch.tensor(rows)]
-    out = {"n": len(rows)}
-    for name, embeds, feats in (("clean", clean_embeds, clean_feats), ("occluded", occ_embeds, occ_feats)):
-        out[f"itm_{name}"] = float(itm_match_prob(model, embeds, enc.txt_ids, enc.txt_masks, idx, t,
-                                                   device=device).mean())
+
+    def scores(name, embeds, feats, objects) -> dict:
+        out = {f"itm_{name}": float(itm_match_prob(model, embeds, enc.txt_ids, enc.txt_masks, idx, t,
+                                                   device=device).mean())}
         ranks = _text_ranks(model, embeds, feats, enc, own, k=k, device=device)
         out[f"tr_rank_{name}"] = float(ranks.double().mean())
         out[f"tr_r1_{name}"] = 100.0 * float((ranks <= 1).double().mean())
         out[f"tr_r5_{name}"] = 100.0 * float((ranks <= 5).double().mean())
         for key, what in (("pointing", "word"), ("pointing_color", "color")):
-            out[f"{key}_{name}"], out["pointing_n"] = _pointing(model, tokenizer, embeds, enc, texts, remaining,
-                                                                what, device)
-    return {"occlusion": out}
+            out[f"{key}_{name}"], out["pointing_n"] = _pointing(model, tokenizer, embeds, enc, texts, objects, what,
+                                                                device)
+        return out
+
+    result, clean = {}, None
+    for key, part in (("occlusion", "whole"), ("occlusion_half", "half")):
+        occ_embeds, occ_feats, remaining = _encode_occluded(model, tokenizer, dataset, items, part=part,
+                                                            device=device, batch_size=batch_size, max_len=max_len)
+        if clean is None:  # the same items and words as it is: the pointing of the same remaining objects
+            sel = torch.tensor(rows)
+            clean = scores("clean", enc.img_embeds[sel], enc.img_feats[sel], remaining)
+        result[key] = {"n": len(rows), **clean, **scores("occluded", occ_embeds, occ_feats, remaining)}
+    return result
