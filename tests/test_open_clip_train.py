@@ -51,10 +51,10 @@ def data(tmp_path_factory):
     return csv, model_dir
 
 
-def _train(tmp_path, data, name, module, extra=()):
+def _train(tmp_path, data, name, module, extra=(), launcher=()):
     csv, model_dir = data
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", module, "--train-data", str(csv), "--dataset-type", "csv", "--model",
+    cmd = [sys.executable, *launcher, "-m", module, *(["--"] if launcher else []), "--train-data", str(csv), "--dataset-type", "csv", "--model",
            f"local-dir:{model_dir}", "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0", "--device", "cpu",
            "--precision", "fp32", "--lr", "1e-3", "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1",
            "--save-frequency", "0", "--logs", str(logs), "--name", name, *extra]
@@ -78,6 +78,16 @@ def test_open_clip_trainer_with_focal_loss(tmp_path, data):
     assert all(abs(a - b) > 1e-3 * abs(a) for a, b in zip(base, focal)), f"gamma 2 logged {focal}, ClipLoss {base}"
     # a batch of 4 with random weights: the plain loss is near ln 4, the focal one below it
     assert all(0 < f < b for f, b in zip(focal, base)), (focal, base)
+
+
+def test_under_torchrun(tmp_path, data):
+    """``torchrun ... -m softmask.open_clip_train -- <flags>`` (one process on the CPU): the
+    ``--`` keeps torchrun's parser off the trainer's flags (``--logs`` is ambiguous to it
+    under Python 3.11), and the run logs the losses of the same run without torchrun."""
+    base = _train(tmp_path, data, "plain", "softmask.open_clip_train", ["--focal-gamma", "2"])
+    run = _train(tmp_path, data, "torchrun", "softmask.open_clip_train", ["--focal-gamma", "2"],
+                 launcher=["-m", "torch.distributed.run", "--nproc_per_node", "1"])
+    assert run == base, (run, base)
 
 
 def test_launcher_refuses_other_losses(tmp_path, data):
