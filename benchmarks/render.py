@@ -33,11 +33,22 @@ def load(results_dir: str):
     return rows
 
 
+def latest_run(rows):
+    """Of every (op, device, shape, dtype), the rows of its newest file only (by date, then file name), so that a
+    table's ratios come from one run: a later file that measures a shape again replaces the earlier one."""
+    newest = {}
+    for r in rows:
+        key = (r["op"], r["device"], r["shape"], r["dtype"])
+        newest[key] = max(newest.get(key, ("", "")), (r["date"], r["file"]))
+    return [r for r in rows if (r["date"], r["file"]) == newest[(r["op"], r["device"], r["shape"], r["dtype"])]]
+
+
 def _fmt_ms(s):
     return f"{s * 1e3:.3g}"
 
 
 def render_markdown(rows) -> str:
+    rows = latest_run(rows)
     groups = defaultdict(list)
     for r in rows:
         groups[(r["op"], r["device"], r["shape"], r["dtype"])].append(r)
@@ -107,7 +118,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", default="bench_results")
     args = parser.parse_args(argv)
-    rows = load(args.results)
+    rows = latest_run(load(args.results))
     with open(os.path.join(args.results, "README.md"), "w") as f:
         f.write(render_markdown(rows))
     render_plot(rows, os.path.join(args.results, "speedups.png"))
