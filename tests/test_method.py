@@ -365,7 +365,7 @@ def test_plot_soft_masks(tmp_path):
 
 
 def test_ablation_table_mean_and_std(tmp_path):
-    from benchmarks import ablation
+    from research import ablation
 
     rows = []
     for seed, tr in ((0, 10.0), (1, 20.0), (2, 30.0)):
@@ -662,7 +662,7 @@ def test_shipped_configs_parse(name):
 def test_ablation_suites_train_what_they_name():
     """The recipe suite ablates the default job (the shapes recipe); the from-scratch suite reproduces the earlier
     default's rows (random-init ViT, global attention); the full method of each is its suite's default job."""
-    from benchmarks import ablation
+    from research import ablation
     from softmask.train.loop import TrainConfig
 
     assert set(ablation.RECIPE_CONFIGS) == {"full", "no_softmask", "no_focal", "no_aug", "albef"}

@@ -57,8 +57,8 @@ def test_export_writes_the_shapes_data_as_caption_json(exported):
     for split, entries in (("train", train), ("test", test)):
         ref = ShapesDataset(split, size=len(entries), image_size=64, seed=0)
         for i, e in enumerate(entries):
-            assert set(e) == {"image", "caption"} and e["image"] == f"images/{split}/{i:06d}.jpg"
-            assert e["caption"] == ref[i]["caption"]
+            assert set(e) == {"image", "caption", "objects"} and e["image"] == f"images/{split}/{i:06d}.jpg"
+            assert e["caption"] == ref[i]["caption"] and e["objects"] == ref[i]["objects"]
             with Image.open(exported / e["image"]) as im:
                 assert im.format == "JPEG" and im.size == (64, 64)
                 got = np.asarray(im.convert("RGB"), dtype=np.float64)
@@ -283,7 +283,8 @@ def test_bad_settings(tmp_path, capsys):
         (["--device", "gpu"], ["--device gpu", "expected cpu"]),
         (["--steps", "0"], ["--steps 0", "expected a positive integer"]),
         (["--gamma", "-1"], ["--gamma -1.0", "expected >= 0"]),
-        (["--data", "pairs.csv"], ["--data pairs.csv", "expected 'shapes' or a caption JSON"]),
+        (["--data", "pairs.csv"], ["--data pairs.csv", "expected 'shapes', 'shapes-partial', 'shapes-longtail' or a "
+                                                     "caption JSON"]),
     ]
     for argv, parts in cases:
         err = _one_line_error(capsys, main(argv + ["--out", str(tmp_path / "r"), "--no-progress"]))
