@@ -46,6 +46,9 @@ FOCAL_TORCH = ["tests/test_focal_itc.py", "-k", "albef_mode_grid and torch and 0
 # them trivially; these selections hold only the tests that check the reference itself
 # against independently written math.
 FOCAL_REFERENCE = ["tests/test_focal_itc.py", "-k", "reference and not triton and not torch_backend"]
+# the torch backend's tiled CLIP and one-hot paths (issue 27), on tiles small enough to cross every boundary
+CLIP_TORCH = ["tests/test_focal_itc_clip.py", "-k", "torch_clip_tiles and dtype1"]  # dtype1: float32
+ONEHOT_TORCH = ["tests/test_focal_itc_clip.py", "-k", "torch_onehot_tiles and dtype0"]  # dtype0: float32
 MASK_TRITON = ["tests/test_soft_mask.py", "-k", "matches_eager_autograd and triton and float32"]
 MASK_TORCH = ["tests/test_soft_mask.py", "-k", "matches_eager_autograd and torch and float32"]
 MASK_REFERENCE = ["tests/test_soft_mask.py", "-k", "albef_hooks or without_same_dtype_term or soft_mask_from_cam_random "
@@ -112,6 +115,18 @@ FAULTS: List[Fault] = [
           "targets = alpha * soft + (1.0 - alpha) * targets",
           "targets = alpha * soft + 0.97 * (1.0 - alpha) * targets",
           FOCAL_REFERENCE, "the oracle's one-hot target part 3 % too small"),
+    Fault("clip-column-rescale-torch", "focal_itc", "torch", FO,
+          "sc[c0:c1] = sc[c0:c1].mul_(fc).add_(e.sum(0))",
+          "sc[c0:c1] = sc[c0:c1].add_(e.sum(0))",
+          CLIP_TORCH, "CLIP mode: text-to-image's online sum not rescaled when a column's max grows"),
+    Fault("clip-temperature-grad-sign-torch", "focal_itc", "torch", FO,
+          "d_tau = torch.linalg.vecdot(img.to(acc), d_img).sum().mul_(-inv_tau)",
+          "d_tau = torch.linalg.vecdot(img.to(acc), d_img).sum().mul_(inv_tau)",
+          CLIP_TORCH, "CLIP mode: dL/dtau with the wrong sign"),
+    Fault("onehot-temperature-grad-sign-torch", "focal_itc", "torch", FO,
+          "dtau[r0:r1] = (g_ii * pz2 - g_ii * z_ii).mul_(-LN2 * inv_tau)",
+          "dtau[r0:r1] = (g_ii * pz2 - g_ii * z_ii).mul_(LN2 * inv_tau)",
+          ONEHOT_TORCH, "alpha = 0 with key banks, tiled: dL/dtau with the wrong sign"),
     # ------------------------------------------------------------------ soft mask
     Fault("relu-removed-triton", "soft_mask", "triton", SK,
           "c = tl.where(valid, (e * inv_l) * tl.maximum(da, 0.0), 0.0) + bad",
