@@ -3,7 +3,6 @@ or tagged values (nothing is downloaded), loaded into the model, every tensor ch
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest

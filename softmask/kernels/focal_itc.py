@@ -69,7 +69,7 @@ per sweep by the choice of splits (:func:`_plan`), plus Q, Qm, dQ once.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
