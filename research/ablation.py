@@ -74,7 +74,7 @@ METRICS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "itc_tr_r1", "itc_ir_r1", "pointi
 PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
 # ALBEF-protocol grounding, the occlusion evaluation (occ_*: eval.json's "occlusion") and the long tail's head / tail
 # split (lt_*: "long_tail"), where a run's evaluation has them
-GROUNDING = ("grounding_acc", "occ_itm_clean", "occ_itm_occluded", "occ_tr_r1_clean", "occ_tr_r1_occluded",
+GROUNDING = ("tr_r1_true", "ir_r1_true", "grounding_acc", "occ_itm_clean", "occ_itm_occluded", "occ_tr_r1_clean", "occ_tr_r1_occluded",
              "occ_pointing_clean", "occ_pointing_occluded", "occh_itm_occluded", "occh_tr_r1_occluded",
              "occh_pointing_occluded", "lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head",
              "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail")
@@ -86,7 +86,7 @@ SUITE_RESULTS = {"recipe": RESULTS, "recipe_800": os.path.join(RESULTS, "recipe_
 
 def flat_metrics(ev: dict) -> dict:
     """The row's values of :data:`GROUNDING` from an ``eval.json`` (absent ones left out)."""
-    out = {k: ev[k] for k in ("grounding_acc",) if k in ev}
+    out = {k: ev[k] for k in ("tr_r1_true", "ir_r1_true", "grounding_acc") if k in ev}
     out.update({f"occ_{k}": v for k, v in ev.get("occlusion", {}).items()})
     out.update({f"occh_{k}": v for k, v in ev.get("occlusion_half", {}).items() if k.endswith("_occluded")})
     out.update({f"lt_{k}": v for k, v in ev.get("long_tail", {}).items()})

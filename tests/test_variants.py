@@ -258,6 +258,24 @@ def test_grounding_chance_and_occlusion_against_itself(runs, monkeypatch):
             assert occ[f"{key}_clean"] == pytest.approx(occ[f"{key}_occluded"], rel=1e-5), key
 
 
+def test_partial_evaluation_counts_every_true_caption(runs):
+    """On shapes-partial a caption is true of every image that shows the objects it names: the ITM probe's truth
+    uses every object of the image, and R@1 "true" counts any true caption (never fewer hits than R@1)."""
+    from softmask.data.shapes import caption_holds
+    from softmask.eval.evaluate import _caption_truth, encode_set, load_model
+
+    d = runs["shapes-partial"][0]
+    model, tok, _, _ = load_model(d)
+    ds = build_dataset("shapes-partial", "test", 64, train=False, size=24)
+    enc = encode_set(model.eval(), tok, ds)
+    truth = _caption_truth(enc)
+    want = torch.tensor([[caption_holds(ds[i]["caption"], ds[j]["scene_objects"], partial=True) for i in range(24)]
+                         for j in range(24)])
+    assert torch.equal(truth, want) and truth.diagonal().all() and truth.sum() > 24
+    ev = json.load(open(os.path.join(d, "eval.json")))
+    assert ev["tr_r1_true"] >= ev["tr_r1"] - 1e-9 and ev["ir_r1_true"] >= ev["ir_r1"] - 1e-9
+
+
 def test_partial_training_passes_holds_to_the_model(tmp_path, monkeypatch):
     from softmask.model import SoftMaskALBEF
     from softmask.train.loop import TrainConfig, train

@@ -84,7 +84,8 @@ class EncodedSet:
     ``txt_feats [Nt, E]`` (float32, CPU); ``captions`` and ``objects`` per text; ``txt2img [Nt]`` (the
     image of every text) and ``img2txt [Ni]`` (the texts of every image); ``images``: the first few
     image tensors ``[3, S, S]``, for the pictures; ``item_index [Ni]``: the data set item each image was read
-    through."""
+    through; ``scene_objects``: per text, every object of its image when captions name part of it
+    (``shapes-partial``), else empty."""
 
     img_embeds: torch.Tensor
     img_feats: torch.Tensor
@@ -97,6 +98,7 @@ class EncodedSet:
     img2txt: list
     images: list = field(default_factory=list)
     item_index: list = field(default_factory=list)
+    scene_objects: list = field(default_factory=list)
 
     def text_hits(self) -> list:
         """The texts that count as a hit for each image: its own captions and every other text with exactly
@@ -138,7 +140,8 @@ def encode_set(model, tokenizer, dataset, *, device="cpu", batch_size: int = 64,
         img_feats.append(ifeat.float().cpu())
         for j, idx in enumerate(batch["index"].tolist()):
             kept.append(group_of[idx])
-            seen[idx] = (batch["captions"][j], batch["objects"][j])
+            seen[idx] = (batch["captions"][j], batch["objects"][j],
+                         batch["scene_objects"][j] if "scene_objects" in batch else None)
             if len(images) < keep_images:
                 images.append(batch["image"][j])
     if not kept:
@@ -152,6 +155,7 @@ def encode_set(model, tokenizer, dataset, *, device="cpu", batch_size: int = 64,
             txt2img.append(i)
     captions = [seen[t][0] if t in seen else _caption_of(dataset, t) for t in texts]
     objects = [list(seen[t][1]) if t in seen else [] for t in texts]
+    scene = [seen[t][2] if t in seen else None for t in texts]
     txt_ids, txt_masks, txt_feats = [], [], []
     for s in range(0, len(captions), batch_size):
         enc = collate.tokenize(captions[s : s + batch_size])
@@ -161,7 +165,8 @@ def encode_set(model, tokenizer, dataset, *, device="cpu", batch_size: int = 64,
         txt_masks.append(enc["attention_mask"])
         txt_feats.append(tfeat.float().cpu())
     return EncodedSet(torch.cat(img_embeds), torch.cat(img_feats), torch.cat(txt_ids), torch.cat(txt_masks),
-                      torch.cat(txt_feats), captions, objects, txt2img, img2txt, images, [first[gi] for gi in kept])
+                      torch.cat(txt_feats), captions, objects, txt2img, img2txt, images, [first[gi] for gi in kept],
+                      scene if all(o is not None for o in scene) else [])
 
 
 @torch.no_grad()
@@ -294,10 +299,21 @@ def _caption_truth(enc) -> Optional[torch.Tensor]:
     text carries its image's objects with boxes (the shapes data); else None."""
     from softmask.data.shapes import caption_holds
 
+    first = [texts[0] for texts in enc.img2txt]
+    if enc.scene_objects:  # captions that name part of the image: true when every named object is there
+        return torch.tensor([[caption_holds(c, enc.scene_objects[f], partial=True) for c in enc.captions]
+                             for f in first], dtype=torch.bool)
     if not enc.objects or not all(enc.objects) or not all("box" in o for objs in enc.objects for o in objs):
         return None
-    first = [texts[0] for texts in enc.img2txt]
     return torch.tensor([[caption_holds(c, enc.objects[f]) for c in enc.captions] for f in first], dtype=torch.bool)
+
+
+def _true_r1(i2t: torch.Tensor, t2i: torch.Tensor, holds: torch.Tensor) -> dict:
+    """R@1 where every caption true of an image counts (``holds [Ni, Nt]``): text retrieval hits when the top text
+    is true of the image, image retrieval when the caption is true of the top image (in %)."""
+    tr = holds[torch.arange(i2t.shape[0]), i2t.argmax(1)]
+    ir = holds[t2i.argmax(1), torch.arange(t2i.shape[0])]
+    return {"tr_r1_true": 100.0 * float(tr.double().mean()), "ir_r1_true": 100.0 * float(ir.double().mean())}
 
 
 def itm_probe(model, tokenizer, img_embeds, txt_ids, txt_masks, sims, captions, *, seed: int = 0,
@@ -391,7 +407,9 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
     Keys: ``tr_r1/5/10``, ``ir_r1/5/10`` and their means ``tr_mean``, ``ir_mean``, ``r_mean`` (reranked),
     ``itc_tr_r1/5/10``, ``itc_ir_r1/5/10`` and ``itc_tr_mean``, ``itc_ir_mean``, ``itc_r_mean`` (ITC alone),
     in percent; ``num_images``, ``num_texts``, ``rerank_k``, ``chance_r1`` (100 / Ni),
-    ``duplicate_captions``. On the shapes data (``grounding``): ALBEF-protocol grounding
+    ``duplicate_captions``; on the shapes data ``tr_r1_true`` / ``ir_r1_true``: R@1 where any caption true of the
+    image counts (``caption_holds``; on ``shapes-partial`` many captions hold for an image). On the shapes data
+    (``grounding``): ALBEF-protocol grounding
     (:func:`softmask.eval.grounding.shapes_grounding`: ``grounding_acc`` ...) and the occlusion evaluation
     (:func:`softmask.eval.occlusion.occlusion_eval`: ``occlusion``, ``occlusion_half``), and on ``shapes-longtail`` the head / tail
     split (:func:`softmask.eval.longtail.long_tail_eval`: ``long_tail``)."""
@@ -417,9 +435,12 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
         counts[c] = counts.get(c, 0) + 1
     res.update(num_images=ni, num_texts=nt, rerank_k=min(k, ni, nt), chance_r1=100.0 / ni,
                duplicate_captions=sum(1 for c in enc.captions if counts[c] > 1))
+    truth = _caption_truth(enc)
+    if truth is not None:
+        res.update(_true_r1(i2t, t2i, truth))
     if probe:
         res.update(itm_probe(model, tokenizer, enc.img_embeds, enc.txt_ids, enc.txt_masks, sims, enc.captions,
-                             device=device, txt2img=txt2img, holds=_caption_truth(enc)))
+                             device=device, txt2img=txt2img, holds=truth))
     if pointing and any(enc.objects):
         res.update(_pointing(model, tokenizer, enc, device))
         if grounding:
