@@ -41,6 +41,7 @@ import torch
 import softmask
 from softmask.model import ModelConfig, SoftMaskALBEF
 from softmask.eval.scoring import itm_match_prob as _itm_match_prob
+from softmask.eval.scoring import object_pointing
 from softmask.eval.scoring import pair_itm_logits as _pair_itm_logits
 from softmask.eval.scoring import trim as _trim
 from softmask.eval.scoring import word_cams
@@ -197,31 +198,16 @@ def retrieval_scores(model, img_embeds, img_feats, txt_ids, txt_masks, txt_feats
 
 
 def _pointing(model, tokenizer, enc: EncodedSet, device):
-    from softmask.data import word_positions
-    from softmask.eval.metrics import pointing_game
-
     results = {}
     S = model.cfg.image_size
+    pairs = [(enc.txt2img[t], t, objs) for t, objs in enumerate(enc.objects)]
     for key, what in (("pointing_game", "word"), ("pointing_game_color", "color")):
-        pt, pw, boxes = [], [], []
-        for t, objs in enumerate(enc.objects):
-            words = [o[what] for o in objs]
-            if not words:
-                continue
-            pos = word_positions(enc.txt_ids[t], tokenizer, words)
-            for o, p in zip(objs, pos):
-                if p >= 0:
-                    pt.append(t)
-                    pw.append(p)
-                    boxes.append(list(o["box"]))
-        if not pt:
+        pct, n, b = object_pointing(model, tokenizer, enc.img_embeds, enc.txt_ids, enc.txt_masks, pairs, what,
+                                    device=device)
+        if not n:
             continue
-        idx = torch.tensor(pt)
-        cams = word_cams(model, enc.img_embeds, enc.txt_ids, enc.txt_masks, torch.tensor(enc.txt2img)[idx], idx,
-                         torch.tensor(pw), device=device)
-        b = torch.tensor(boxes, dtype=torch.float64)
-        results[key] = pointing_game(cams, b, S)
-        results[key + "_n"] = len(pt)
+        results[key] = pct
+        results[key + "_n"] = n
         if what == "word":  # chance: a random patch centre inside the box
             g = model.cfg.grid
             c = (torch.arange(g, dtype=torch.float64) + 0.5) * S / g

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from softmask.eval.scoring import word_cams
+from softmask.eval.scoring import object_pointing
 
 __all__ = ["long_tail_eval"]
 
@@ -24,9 +24,7 @@ def long_tail_eval(model, tokenizer, enc, i2t: torch.Tensor, t2i: torch.Tensor, 
     ``tr_r1_tail``, ``ir_r1_head``, ``ir_r1_tail`` (%), ``images_head``, ``images_tail``, ``pointing_head``,
     ``pointing_tail``, ``pointing_color_head``, ``pointing_color_tail`` (%) and ``objects_head``,
     ``objects_tail``. ``i2t [Ni, Nt]`` / ``t2i [Nt, Ni]``: the reranked retrieval scores."""
-    from softmask.data import word_positions
     from softmask.data.shapes import TAIL_COMBOS
-    from softmask.eval.metrics import pointing_game
 
     if getattr(dataset, "variant", None) != "longtail" or not enc.item_index:
         return None
@@ -40,19 +38,11 @@ def long_tail_eval(model, tokenizer, enc, i2t: torch.Tensor, t2i: torch.Tensor, 
     out = {"tr_r1_head": pct(tr_hit[~tail_img]), "tr_r1_tail": pct(tr_hit[tail_img]),
            "ir_r1_head": pct(ir_hit[~tail_txt]), "ir_r1_tail": pct(ir_hit[tail_txt]),
            "images_head": int((~tail_img).sum()), "images_tail": int(tail_img.sum())}
+    is_tail = lambda o: (o["color"], o["word"]) in TAIL_COMBOS  # noqa: E731
+    parts = {"head": [(enc.txt2img[t], t, [o for o in objs if not is_tail(o)]) for t, objs in enumerate(enc.objects)],
+             "tail": [(enc.txt2img[t], t, [o for o in objs if is_tail(o)]) for t, objs in enumerate(enc.objects)]}
     for key, what in (("pointing", "word"), ("pointing_color", "color")):
-        parts = {"head": ([], [], [], []), "tail": ([], [], [], [])}
-        for t, objs in enumerate(enc.objects):
-            for o, p in zip(objs, word_positions(enc.txt_ids[t], tokenizer, [o[what] for o in objs])):
-                if p >= 0:
-                    pi, pt, pw, boxes = parts["tail" if (o["color"], o["word"]) in TAIL_COMBOS else "head"]
-                    pi.append(enc.txt2img[t]), pt.append(t), pw.append(p), boxes.append(list(o["box"]))
-        for part, (pi, pt, pw, boxes) in parts.items():
-            out[f"{key}_{part}"] = None
-            if pi:
-                cams = word_cams(model, enc.img_embeds, enc.txt_ids, enc.txt_masks, torch.tensor(pi),
-                                 torch.tensor(pt), torch.tensor(pw), device=device)
-                out[f"{key}_{part}"] = pointing_game(cams, torch.tensor(boxes, dtype=torch.float64),
-                                                     model.cfg.image_size)
-            out[f"objects_{part}"] = len(pi)
+        for part, pairs in parts.items():
+            out[f"{key}_{part}"], out[f"objects_{part}"], _ = object_pointing(
+                model, tokenizer, enc.img_embeds, enc.txt_ids, enc.txt_masks, pairs, what, device=device)
     return {"long_tail": out}

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from softmask.eval.scoring import itm_match_prob, pair_itm_logits, word_cams
+from softmask.eval.scoring import itm_match_prob, object_pointing, pair_itm_logits
 
 __all__ = ["occlusion_eval"]
 
@@ -39,25 +39,6 @@ def _text_ranks(model, img_embeds, img_feats, enc, own: list, *, k: int, device)
         best = key[j, hits].max()
         ranks.append(int((key[j] > best).sum()) + 1)
     return torch.tensor(ranks)
-
-
-def _pointing(model, tokenizer, img_embeds, enc, texts: list, objects: list, what: str, device):
-    """Pointing game (%) of the ``what`` words ("word": shape, "color") of ``objects[j]`` in text ``texts[j]`` on
-    image ``j`` of ``img_embeds``, and the number of words."""
-    from softmask.data import word_positions
-    from softmask.eval.metrics import pointing_game
-
-    pi, pt, pw, boxes = [], [], [], []
-    for j, (t, objs) in enumerate(zip(texts, objects)):
-        pos = word_positions(enc.txt_ids[t], tokenizer, [o[what] for o in objs])
-        for o, p in zip(objs, pos):
-            if p >= 0:
-                pi.append(j), pt.append(t), pw.append(p), boxes.append(list(o["box"]))
-    if not pi:
-        return None, 0
-    cams = word_cams(model, img_embeds, enc.txt_ids, enc.txt_masks, torch.tensor(pi), torch.tensor(pt),
-                     torch.tensor(pw), device=device)
-    return pointing_game(cams, torch.tensor(boxes, dtype=torch.float64), model.cfg.image_size), len(pi)
 
 
 @torch.no_grad()
@@ -104,8 +85,9 @@ def occlusion_eval(model, tokenizer, enc, dataset, *, k: int = 16, device="cpu",
         out[f"tr_r1_{name}"] = 100.0 * float((ranks <= 1).double().mean())
         out[f"tr_r5_{name}"] = 100.0 * float((ranks <= 5).double().mean())
         for key, what in (("pointing", "word"), ("pointing_color", "color")):
-            out[f"{key}_{name}"], out["pointing_n"] = _pointing(model, tokenizer, embeds, enc, texts, objects, what,
-                                                                device)
+            out[f"{key}_{name}"], out["pointing_n"], _ = object_pointing(
+                model, tokenizer, embeds, enc.txt_ids, enc.txt_masks, list(zip(range(len(texts)), texts, objects)),
+                what, device=device)
         return out
 
     result, clean = {}, None

@@ -9,7 +9,7 @@ import torch
 
 import softmask
 
-__all__ = ["trim", "pair_itm_logits", "itm_match_prob", "word_cams"]
+__all__ = ["trim", "pair_itm_logits", "itm_match_prob", "word_cams", "object_pointing"]
 
 
 def trim(ids, mask):
@@ -67,3 +67,26 @@ def word_cams(model, img_embeds, txt_ids, txt_masks, pair_image, pair_text, pair
         cam = softmask.word_gradcam(q, k, v, gc, w, backend=backend)  # (n, N)
         out.append(cam[:, 1:].reshape(-1, g, g).float().cpu())  # (n, g, g)
     return torch.cat(out) if out else torch.zeros(0, g, g)
+
+
+def object_pointing(model, tokenizer, img_embeds, txt_ids, txt_masks, pairs, what: str, *, device="cpu"):
+    """The pointing game of the ``what`` words (``"word"``: shape, ``"color"``) of objects: ``pairs`` holds
+    ``(image, text, objects)``, image ``image`` of ``img_embeds``, text ``text`` of ``txt_ids``, the objects (dicts
+    with ``box``) whose words are looked up in that text. Returns ``(% hits or None, words found, boxes [n, 4]
+    float64)``; a word the text does not contain is skipped."""
+    from softmask.data import word_positions
+    from softmask.eval.metrics import pointing_game
+
+    pi, pt, pw, boxes = [], [], [], []
+    for i, t, objs in pairs:
+        if not objs:
+            continue
+        for o, p in zip(objs, word_positions(txt_ids[t], tokenizer, [o[what] for o in objs])):
+            if p >= 0:
+                pi.append(i), pt.append(t), pw.append(p), boxes.append(list(o["box"]))
+    b = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    if not pi:
+        return None, 0, b
+    cams = word_cams(model, img_embeds, txt_ids, txt_masks, torch.tensor(pi), torch.tensor(pt), torch.tensor(pw),
+                     device=device)
+    return pointing_game(cams, b, model.cfg.image_size), len(pi), b
