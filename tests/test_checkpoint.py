@@ -308,3 +308,14 @@ def test_kill_in_the_metrics_rewrite_of_a_resume(tmp_path):
     assert not [n for n in os.listdir(out) if ".tmp-" in n], os.listdir(out)
     keys = ("step", "loss", "loss_itc", "loss_itm", "loss_softmask", "loss_mlm")
     assert [[r[k] for k in keys] for r in _metrics(out)] == [[r[k] for k in keys] for r in _metrics(ref_out)]
+
+
+def test_remove_stale_files_of_a_run(tmp_path):
+    """The temporary names a kill can leave in a run directory, the evaluation's hidden one included, go; the
+    run's own files stay."""
+    from softmask.train.loop import remove_stale_files
+
+    for name in ("metrics.jsonl.tmp-11", "config.json.tmp-12", ".eval.json.tmp-13", "config.json", "metrics.jsonl"):
+        (tmp_path / name).write_text("{}")
+    assert remove_stale_files(str(tmp_path)) == [".eval.json.tmp-13", "config.json.tmp-12", "metrics.jsonl.tmp-11"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]

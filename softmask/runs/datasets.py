@@ -19,12 +19,12 @@ __all__ = ["HOLDOUT_FILE", "check_test_json", "eval_target", "annotate_eval", "l
 HOLDOUT_FILE = "heldout.json"
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj, indent: int = 1) -> None:
     """Write ``obj`` as JSON to ``path`` under a temporary name, then rename it: a kill leaves the old file or the
     new one, never half of one (a leftover ``<path>.tmp-<pid>`` is all it can leave)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
     os.replace(tmp, path)
 
 

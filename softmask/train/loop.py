@@ -62,6 +62,7 @@ from softmask.runs.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from softmask.runs.datasets import write_json_atomic
 from softmask.runs.errors import NO_VALUE, ConfigError, print_notes
 from softmask.train.config import (  # noqa: F401  (re-exported: the names users import from here)
     AUTO,
@@ -190,10 +191,11 @@ def _start_process(cfg: TrainConfig) -> Process:
 
 def remove_stale_files(out: str) -> list:
     """Remove the temporary files a kill can leave in a run directory (``metrics.jsonl.tmp-<pid>``,
-    ``config.json.tmp-<pid>``, ...: every file is rewritten under such a name, then renamed). Returns
-    their names."""
+    ``config.json.tmp-<pid>``, the evaluation's ``.eval.json.tmp-<pid>``, ...: every file is rewritten under such a
+    name, then renamed). Returns their names."""
     names = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(out), "*.tmp-*"))):
+    stale = glob.glob(os.path.join(glob.escape(out), "*.tmp-*")) + glob.glob(os.path.join(glob.escape(out), ".*.tmp-*"))
+    for path in sorted(stale):
         if os.path.isfile(path):
             os.remove(path)
             names.append(os.path.basename(path))
@@ -278,9 +280,9 @@ def _build_model(cfg: TrainConfig, tokenizer, mcfg: ModelConfig, init, notes: li
 def _write_run_files(cfg: TrainConfig, mcfg: ModelConfig, tokenizer, total_steps: int, vit_file, world: int):
     """The run's ``tokenizer/`` and ``config.json`` (its settings, which ``--config`` replays)."""
     tokenizer.save_pretrained(os.path.join(cfg.out, "tokenizer"))
-    _write_json_atomic(os.path.join(cfg.out, "config.json"),
-                       {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "tokenizer",
-                        "world_size": world, "total_steps": total_steps, "vit_weights": vit_file})
+    write_json_atomic(os.path.join(cfg.out, "config.json"),
+                      {"train": cfg.to_dict(), "model": mcfg.to_dict(), "tokenizer_dir": "tokenizer",
+                       "world_size": world, "total_steps": total_steps, "vit_weights": vit_file}, indent=2)
 
 
 def _optimizer(cfg: TrainConfig, model: SoftMaskALBEF, total_steps: int):
@@ -391,13 +393,6 @@ class MetricsLog:
         if self.write:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
