@@ -26,7 +26,7 @@ import json
 import os
 import sys
 
-from softmask.data.shapes import DEFAULT_SIZES, VARIANTS, ShapesDataset, phrase
+from softmask.data.shapes import DEFAULT_SIZES, VARIANTS, ShapesDataset, phrase, xywh
 
 __all__ = ["export_shapes", "main"]
 
@@ -65,16 +65,11 @@ def export_shapes(out: str, size: int = DEFAULT_SIZES["train"], test_size: int =
             every = item.get("scene_objects", item["objects"])
             for o in item["objects"]:
                 refs.append({"image": rel, "text": phrase(o["color"], o["word"]), "ref_id": len(refs),
-                             "bbox": _xywh(o["box"]), "dets": [_xywh(d["box"]) for d in every]})
+                             "bbox": xywh(o["box"]), "dets": [xywh(d["box"]) for d in every]})
         paths[split] = _write_json(os.path.join(out, f"{split}.json"), entries)
         if split == "test":
             paths["grounding"] = _write_json(os.path.join(out, "grounding_test.json"), refs)
     return paths
-
-
-def _xywh(box) -> list:
-    """``[x0, y0, x1, y1]`` as COCO's ``[x, y, w, h]``."""
-    return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
 
 
 def _write_json(path: str, obj) -> str:

@@ -131,6 +131,11 @@ def phrase(color: str, shape: str) -> str:
 _phrase = phrase
 
 
+def xywh(box) -> list:
+    """A box ``[x0, y0, x1, y1]`` as COCO's (and ALBEF's grounding's) ``[x, y, w, h]``."""
+    return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+
+
 def _relation(a: list[float], b: list[float]) -> list[str]:
     """Relations that hold from box ``a`` to box ``b`` (boxes fully separated on an axis)."""
     rels = []

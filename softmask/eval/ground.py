@@ -46,7 +46,7 @@ def _box_ok(box) -> bool:
                                                                     and not isinstance(v, bool) for v in box))
 
 
-def _check(entry, k: int, root: str, tokenizer, max_len: int):
+def _check(entry, root: str, tokenizer, max_len: int):
     """``(image path, (width, height))`` of a usable entry, or ``(None, "field: why")``."""
     from PIL import Image, UnidentifiedImageError
 
@@ -82,11 +82,17 @@ def _check(entry, k: int, root: str, tokenizer, max_len: int):
     return path, size
 
 
+def _load_rgb(path: str, transform):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return transform(im.convert("RGB"))
+
+
 def ground(checkpoint: str, data: str, *, image_root=None, device="cpu", batch_size: int = 32, log=sys.stderr) -> dict:
     """Score every usable entry of ``data`` with the run ``checkpoint``. Returns the summary (module docstring);
     the entries left out are named on ``log``."""
     import torch
-    from PIL import Image
 
     from softmask.data import Collator, image_transform
     from softmask.eval.evaluate import load_model
@@ -101,7 +107,7 @@ def ground(checkpoint: str, data: str, *, image_root=None, device="cpu", batch_s
     max_len = int(run_cfg["train"].get("max_len", 24))
     usable, left_out = [], 0
     for k, entry in enumerate(entries):
-        path, info = _check(entry, k, root, tokenizer, max_len)
+        path, info = _check(entry, root, tokenizer, max_len)
         if path is None:
             ref = entry.get("ref_id") if isinstance(entry, dict) else None
             print(f"{PROG}: entry {k}{f' (ref_id {ref})' if ref is not None else ''}: {info}; left out", file=log)
@@ -113,7 +119,7 @@ def ground(checkpoint: str, data: str, *, image_root=None, device="cpu", batch_s
     hits, per_split = [], {}
     for s in range(0, len(usable), batch_size):
         chunk = usable[s: s + batch_size]
-        images = torch.stack([transform(Image.open(p).convert("RGB")) for _, p, _ in chunk])
+        images = torch.stack([_load_rgb(p, transform) for _, p, _ in chunk])
         tok = collate.tokenize([entries[k]["text"] for k, _, _ in chunk])
         with torch.no_grad():
             embeds, _ = model.encode_image(images.to(device))

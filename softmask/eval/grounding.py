@@ -97,7 +97,7 @@ def shapes_grounding(model, tokenizer, enc, dataset, *, device="cpu", max_len: i
     ``{"grounding_acc": % hits, "grounding_n": expressions, "grounding_layer": fusion layer, "grounding_chance": % of
     hits by a uniformly random candidate}``, or None when the data set has no scenes."""
     from softmask.data import Collator
-    from softmask.data.shapes import phrase
+    from softmask.data.shapes import phrase, xywh
 
     if not hasattr(dataset, "scene") or not enc.item_index:
         return None
@@ -116,7 +116,6 @@ def shapes_grounding(model, tokenizer, enc, dataset, *, device="cpu", max_len: i
     tok = Collator(tokenizer, max_len).tokenize(texts)
     heat = expression_heat(model, enc.img_embeds[torch.tensor(pi)], tok["input_ids"], tok["attention_mask"],
                            device=device)
-    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]  # noqa: E731
     hits, chance = 0, 0.0
     for h, ref, cands in zip(heat, refs, dets):
         boxes = [xywh(b) for b in cands]
