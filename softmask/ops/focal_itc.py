@@ -238,7 +238,7 @@ def _direction_targets_tiled(q, kk, qm, inv_tau, gamma, alpha, ids, kid, kid_val
     blocks = _row_blocks(B, N, TORCH_TILED_BLOCK_ELEMS)
     R = max(r1 - r0 for r0, r1 in blocks)
     TK = min(N, max(1, TORCH_TILE_ELEMS // R))
-    tiles = [(c0, min(N, c0 + TK)) for c0 in range(0, N, TK)]
+    tiles = _tiles(N, TK)
     # workspace: the stored logits z and z_m of one row block, tile-major so that every tile is contiguous,
     # then four [rows, TK] scratch tiles
     ws = _workspace((2 * R * N + 4 * R * TK,), acc, q.device)
