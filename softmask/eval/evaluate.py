@@ -480,7 +480,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     res["checkpoint"] = os.path.abspath(ckpt)
     res["data"] = spec
     res.update(extra or {})
-    run_dir = checkpoint if latest_checkpoint(checkpoint, warn=False) != checkpoint else os.path.dirname(os.path.dirname(ckpt))
+    run_dir = checkpoint if ckpt != checkpoint else os.path.dirname(os.path.dirname(ckpt))  # a run or one checkpoint
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if plots and os.path.exists(metrics):
         plot_loss_curves(metrics, os.path.join(plot_dir, "loss_curves.png"))
