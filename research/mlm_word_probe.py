@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from softmask.data import Collator, build_dataset
 from softmask.data.shapes import COLORS, SHAPES
-from softmask.eval.evaluate import load_model
+from softmask.eval.evaluate import data_seed_of, load_model
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, tokenizer, run_cfg, _ = load_model(a.run)
-    test = build_dataset("shapes", "test", model.cfg.image_size, train=False, seed=run_cfg["train"]["seed"])
+    test = build_dataset("shapes", "test", model.cfg.image_size, train=False, seed=data_seed_of(run_cfg["train"]))
     print(json.dumps({"run": a.run, **word_probe(model, tokenizer, test)}))
 
 

@@ -138,7 +138,7 @@ def test_data_seed_sets_the_data_alone(tmp_path):
     (seed 1, data seed 0) trains on exactly the batches of seed 0, from seed 1's initial weights; the run's
     evaluation and pointing watch read data seed 0's held-out split."""
     from softmask.data import Collator, get_tokenizer
-    from softmask.eval.evaluate import _data_seed
+    from softmask.eval.evaluate import data_seed_of
     from softmask.train.data import batch_stream, prepare_data
     from softmask.train.loop import build_model
 
@@ -161,7 +161,7 @@ def test_data_seed_sets_the_data_alone(tmp_path):
     wa = build_model(crossed, tok).state_dict()["itm_head.weight"]
     wb = build_model(plain, tok).state_dict()["itm_head.weight"]
     assert not torch.equal(wa, wb)  # the model's init follows seed
-    assert _data_seed(crossed.to_dict()) == 0 and _data_seed(plain.to_dict()) == 0 and _data_seed(other.to_dict()) == 1
+    assert [data_seed_of(c.to_dict()) for c in (crossed, plain, other)] == [0, 0, 1]
     with pytest.raises(ValueError, match="data_seed = -1: expected a non-negative integer"):
         TrainConfig(data_seed=-1)
 

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory (uses checkpoints/latest) or checkpoint directory")
     p.add_argument("--data", default=None,
-                   help="caption JSON file (or 'shapes', 'shapes-partial', 'shapes-longtail') to evaluate on (default: the run's test set, else the "
+                   help="caption JSON file (or 'shapes', 'shapes-partial', 'shapes-longtail') to evaluate on "
+                   "(default: the run's test set, else the "
                    "images it held out, else its training data)")
     p.add_argument("--image-root", default=None,
                    help="directory the --data image paths are relative to (default: that JSON's folder)")

@@ -47,11 +47,11 @@ from softmask.eval.scoring import trim as _trim
 from softmask.eval.scoring import word_cams
 from softmask.runs.checkpoint import latest_checkpoint, load_model_weights
 
-__all__ = ["evaluate_run", "load_model", "retrieval_scores", "word_cams", "evaluate", "itm_probe",
+__all__ = ["evaluate_run", "load_model", "data_seed_of", "retrieval_scores", "word_cams", "evaluate", "itm_probe",
            "pointing_subset", "soft_masked_embeds", "encode_set", "EncodedSet"]
 
 
-def _data_seed(train_cfg: dict) -> int:
+def data_seed_of(train_cfg: dict) -> int:
     """The seed of a run's data (its ``data_seed``, else its ``seed``): the shapes held-out split it is scored on."""
     return train_cfg["seed"] if train_cfg.get("data_seed") is None else train_cfg["data_seed"]
 
@@ -397,8 +397,8 @@ def evaluate(model: SoftMaskALBEF, tokenizer, dataset, *, k: int = 16, device="c
     image counts (``caption_holds``; on ``shapes-partial`` many captions hold for an image). On the shapes data
     (``grounding``): ALBEF-protocol grounding
     (:func:`softmask.eval.grounding.shapes_grounding`: ``grounding_acc`` ...) and the occlusion evaluation
-    (:func:`softmask.eval.occlusion.occlusion_eval`: ``occlusion``, ``occlusion_half``), and on ``shapes-longtail`` the head / tail
-    split (:func:`softmask.eval.longtail.long_tail_eval`: ``long_tail``)."""
+    (:func:`softmask.eval.occlusion.occlusion_eval`: ``occlusion``, ``occlusion_half``), and on ``shapes-longtail``
+    the head / tail split (:func:`softmask.eval.longtail.long_tail_eval`: ``long_tail``)."""
     from softmask.eval.metrics import retrieval_metrics
 
     was_training = model.training
@@ -472,7 +472,7 @@ def evaluate_run(checkpoint: str, *, device="cpu", model: Optional[SoftMaskALBEF
     if image_root is None and spec == tcfg["data"]:
         image_root = tcfg.get("image_root")
     ds = build_dataset(spec, "test", model.cfg.image_size, train=False, image_root=image_root,
-                       seed=_data_seed(tcfg) if seed is None else seed, size=test_size if is_shapes(spec) else None)
+                       seed=data_seed_of(tcfg) if seed is None else seed, size=test_size if is_shapes(spec) else None)
     plot_dir = os.path.join(out_dir, "plots")
     res = evaluate(model, tokenizer, ds, k=k, device=device,
                    overlays_png=os.path.join(plot_dir, "gradcam_overlays.png") if plots else None,
