@@ -352,3 +352,65 @@ def test_text_attn_radius_mask_and_locality():
         assert not torch.allclose(glob.text_encoder(ids, mask)[0, 5], glob.text_encoder(far, mask)[0, 5])
     with pytest.raises(ValueError, match="text_attn_radius: expected None or an int >= 0, got -1"):
         model_preset("tiny", text_attn_radius=-1)
+
+
+@pytest.mark.parametrize("radius", [None, 1])
+def test_frozen_vit_blocks_match_the_unfrozen_model_and_train_nothing_frozen(tok, batch, radius):
+    """vision_frozen_blocks k: the same losses as k = 0 on the same weights (the momentum ViT starts equal to the
+    online one, so going on from the online's frozen part changes nothing), the same gradients for every part
+    that still trains, none for the frozen part, and a momentum update that leaves the frozen copies equal. With
+    local attention [CLS] and the registers still train (their rows through the frozen blocks apart)."""
+    torch.manual_seed(0)
+    ref = SoftMaskALBEF(small(tok, vision_attn_radius=radius))
+    frozen = SoftMaskALBEF(small(tok, vision_attn_radius=radius, vision_frozen_blocks=1))
+    frozen.load_state_dict(ref.state_dict())
+    out_ref, out = run(ref, batch), run(frozen, batch)
+    for k in TERMS:
+        torch.testing.assert_close(out[k], out_ref[k], rtol=1e-5, atol=1e-6)
+    out_ref["loss"].backward()
+    out["loss"].backward()
+    vit = frozen.visual_encoder
+    fz = {id(p) for p in frozen._frozen_vit_parameters()}
+    tokens = [t for t in (("pos_embed",) if radius is not None else ("cls_token", "reg_token", "pos_embed"))
+              if getattr(vit, t, None) is not None]
+    assert vit.cls_token.requires_grad == (radius is not None)
+    assert len(fz) == len(tokens) + len(list(vit.patch_embed.parameters())) + len(list(vit.blocks[0].parameters()))
+    ref_params = dict(ref.named_parameters())
+    for n, p in frozen.named_parameters():
+        if id(p) in fz:
+            assert not p.requires_grad and p.grad is None, n
+        elif p.requires_grad:
+            assert p.grad is not None, n
+            torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert frozen.visual_encoder.blocks[1].attn.qkv.weight.requires_grad
+    assert not frozen.visual_encoder.blocks[0].attn.qkv.weight.requires_grad
+    with torch.no_grad():
+        for p in frozen.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    frozen.momentum_update()
+    for (n, p), pm in zip(frozen.visual_encoder.named_parameters(), frozen.visual_encoder_m.parameters()):
+        if id(p) in fz:
+            assert torch.equal(p, pm), n
+        else:
+            assert not torch.equal(p, pm), n
+    with pytest.raises(ValueError, match=r"vision_frozen_blocks: expected an int in \[0, vision_depth = 2\], got 3"):
+        small(tok, vision_frozen_blocks=3)
+
+
+def test_split_local_block_equals_the_timm_block():
+    """The frozen blocks' split computation (patch rows alone, then the prefix rows reading the patches' keys and
+    values) gives the rows of the timm block's own forward, with local attention."""
+    from softmask.model.albef import _patch_block, _prefix_block, build_vision_encoder
+
+    torch.manual_seed(0)
+    vit = build_vision_encoder(model_preset("tiny", vision_attn_radius=1)).eval()
+    n = vit.num_prefix_tokens
+    x = torch.randn(3, n + vit.patch_embed.num_patches, vit.embed_dim)
+    for blk in vit.blocks:
+        full = blk(x)
+        k, v, patches = _patch_block(blk, x[:, n:], n)
+        prefix = _prefix_block(blk, x[:, :n], k, v)
+        torch.testing.assert_close(patches, full[:, n:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prefix, full[:, :n], rtol=1e-5, atol=1e-5)
+        x = full

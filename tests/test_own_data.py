@@ -283,6 +283,7 @@ def test_bad_settings(tmp_path, capsys):
         (["--device", "gpu"], ["--device gpu", "expected cpu"]),
         (["--steps", "0"], ["--steps 0", "expected a positive integer"]),
         (["--gamma", "-1"], ["--gamma -1.0", "expected >= 0"]),
+        (["--vision-frozen-blocks", "5"], ["--vision-frozen-blocks 5", "expected an int in [0, vision_depth = 4]"]),
         (["--data", "pairs.csv"], ["--data pairs.csv", "expected 'shapes', 'shapes-partial', 'shapes-longtail' or a "
                                                      "caption JSON"]),
     ]

@@ -112,6 +112,38 @@ def build_vision_encoder(cfg: ModelConfig) -> nn.Module:
     return vit
 
 
+def _heads(blk: nn.Module, t: torch.Tensor):
+    """A timm block's ``q, k, v`` (``[B, H, N, dh]`` each) of the normalized tokens ``t``."""
+    a = blk.attn
+    B, N, _ = t.shape
+    q, k, v = a.qkv(blk.norm1(t)).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return a.q_norm(q), a.k_norm(k), v
+
+
+def _block_tail(blk: nn.Module, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """A timm block after its attention product: output projection, residual, MLP, residual."""
+    a = blk.attn
+    B, N = x.shape[:2]
+    x = x + blk.ls1(a.proj(a.norm(ctx.transpose(1, 2).reshape(B, N, a.attn_dim))))
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+
+
+def _patch_block(blk: nn.Module, x: torch.Tensor, n: int):
+    """One local-attention block on the patch tokens alone (they read no prefix token): ``(k, v, out)``, the
+    patches' keys and values for the prefix tokens to read. Equal to the block's patch rows (tested)."""
+    q, k, v = _heads(blk, x)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=blk.local_mask[n:, n:].to(q.dtype))
+    return k, v, _block_tail(blk, x, ctx)
+
+
+def _prefix_block(blk: nn.Module, c: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor) -> torch.Tensor:
+    """One block on the prefix tokens ``c`` ([CLS], registers), which read every token: their own keys and
+    values and the patches' ``k_p, v_p``. Equal to the block's prefix rows (tested)."""
+    q, k, v = _heads(blk, c)
+    ctx = F.scaled_dot_product_attention(q, torch.cat([k, k_p], dim=2), torch.cat([v, v_p], dim=2))
+    return _block_tail(blk, c, ctx)
+
+
 class _LocalBlock(nn.Module):
     """A timm ViT block whose self-attention gets the additive mask ``local_mask`` when none is given."""
 
@@ -193,6 +225,8 @@ class SoftMaskALBEF(nn.Module):
         self.text_proj_m = copy.deepcopy(self.text_proj)
         for p in self.momentum_parameters():
             p.requires_grad_(False)
+        for p in self._frozen_vit_parameters():
+            p.requires_grad_(False)
 
         # queues, row layout [Q, D], initialized with random unit vectors (ALBEF)
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
@@ -241,6 +275,19 @@ class SoftMaskALBEF(nn.Module):
             (self.text_proj, self.text_proj_m),
         ]
 
+    def _frozen_vit_parameters(self):
+        """The online ViT's parameters that ``cfg.vision_frozen_blocks`` freezes: the patch and position
+        embeddings, the first k blocks, and with global attention [CLS] and the registers (none when k is 0)."""
+        k, vit = self.cfg.vision_frozen_blocks, self.visual_encoder
+        if k == 0:
+            return
+        for mod in (vit.patch_embed, vit.norm_pre, *vit.blocks[:k]):
+            yield from mod.parameters()
+        tokens = ("pos_embed",) if self._vit_prefix_trains() else ("cls_token", "reg_token", "pos_embed")
+        for name in tokens:
+            if getattr(vit, name, None) is not None:
+                yield getattr(vit, name)
+
     def momentum_parameters(self):
         for _, m in self._pairs():
             yield from m.parameters()
@@ -265,8 +312,10 @@ class SoftMaskALBEF(nn.Module):
         """``p_m = m * p_m + (1 - m) * p`` for every momentum parameter."""
         online, mom = [], []
         for o, m in self._pairs():
-            online += [p.detach() for p in o.parameters()]
-            mom += list(m.parameters())
+            for p, pm in zip(o.parameters(), m.parameters()):
+                if p.requires_grad:  # a frozen online part stays equal to its copy (copy_to_momentum)
+                    online.append(p.detach())
+                    mom.append(pm)
         torch._foreach_mul_(mom, self.cfg.momentum)
         torch._foreach_add_(mom, online, alpha=1.0 - self.cfg.momentum)
 
@@ -297,6 +346,55 @@ class SoftMaskALBEF(nn.Module):
         embeds = vit.forward_features(image)  # (B, 1 + R + P, Dv)
         R = self.cfg.vision_registers
         return torch.cat([embeds[:, :1], embeds[:, 1 + R :]], dim=1) if R else embeds
+
+    def _vit_prefix_trains(self) -> bool:
+        """Whether [CLS] and the registers keep training under ``vision_frozen_blocks``: with local attention
+        (``vision_attn_radius``) no patch token reads them, so their path through the frozen blocks is computed
+        apart, with its gradient, at the cost of a few tokens; with global attention they freeze too."""
+        return self.cfg.vision_attn_radius is not None
+
+    def _vit_frozen_part(self, image: torch.Tensor):
+        """The online ViT through its ``cfg.vision_frozen_blocks`` frozen blocks: ``(prefix, patches, kv)``, the
+        [CLS] and register tokens ``[B, n, Dv]`` (with their gradient when :meth:`_vit_prefix_trains`), the patch
+        tokens ``[B, P, Dv]`` (no graph) and each frozen block's patch keys and values (for the momentum ViT's
+        prefix, :meth:`_vit_frozen_prefix`). The momentum ViT's frozen blocks and embeddings equal the online's."""
+        vit, n = self.visual_encoder, self.visual_encoder.num_prefix_tokens
+        with torch.no_grad():
+            patches = vit.patch_embed(image)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(patches)))
+        prefix, x = x[:, :n], x[:, n:].detach()
+        kv = []
+        for blk in vit.blocks[: self.cfg.vision_frozen_blocks]:
+            if not self._vit_prefix_trains():  # global attention: every token through the block, no graph
+                with torch.no_grad():
+                    y = blk(torch.cat([prefix, x], dim=1))
+                prefix, x = y[:, :n], y[:, n:]
+                continue
+            with torch.no_grad():
+                k, v, x = _patch_block(blk, x, n)
+            kv.append((k, v))
+            prefix = _prefix_block(blk, prefix, k, v)
+        return prefix, x, kv
+
+    def _vit_frozen_prefix(self, vit: nn.Module, patches: torch.Tensor, kv: list) -> torch.Tensor:
+        """``vit``'s own [CLS] and registers through the frozen blocks, reading the patch keys and values ``kv``
+        that :meth:`_vit_frozen_part` computed (no graph): the momentum ViT's prefix."""
+        n = vit.num_prefix_tokens
+        with torch.no_grad():
+            prefix = vit.norm_pre(vit._pos_embed(patches))[:, :n]  # [CLS] and registers: no patch value enters
+            for blk, (k, v) in zip(vit.blocks, kv):
+                prefix = _prefix_block(blk, prefix, k, v)
+        return prefix
+
+    def _vit_rest(self, vit: nn.Module, prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``vit``'s blocks after the frozen ones and its final norm, from the frozen part's prefix and patch
+        tokens; [CLS] then the patches, as :meth:`_image_tokens`."""
+        x = torch.cat([prefix, x], dim=1)
+        for blk in vit.blocks[self.cfg.vision_frozen_blocks:]:
+            x = blk(x)
+        x = vit.norm(x)
+        R = self.cfg.vision_registers
+        return torch.cat([x[:, :1], x[:, 1 + R :]], dim=1) if R else x
 
     def encode_image(self, image: torch.Tensor):
         """``image [B,3,S,S] -> (embeds [B, 1+P, Dv], feat [B, E] unit-norm)``."""
@@ -416,7 +514,12 @@ class SoftMaskALBEF(nn.Module):
             self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
 
         text_ids = mlm_input_ids if cfg.text_aug else input_ids
-        image_embeds, image_feat = self.encode_image(image)
+        if cfg.vision_frozen_blocks:  # the frozen blocks' patch tokens once, for the online and the momentum ViT
+            vit_prefix, vit_patches, vit_kv = self._vit_frozen_part(image)
+            image_embeds = self._vit_rest(self.visual_encoder, vit_prefix, vit_patches)
+            image_feat = self._image_feature(image_embeds, self.vision_proj)
+        else:
+            image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(text_ids, attention_mask)
         itc_text_embeds = text_embeds  # the caption ITC reads: with text_aug the masked one, which MLM predicts
         if cfg.text_aug and not cfg.itm_reads_masked_caption:  # ITM and the soft-masked pairs: the clean caption
@@ -425,7 +528,12 @@ class SoftMaskALBEF(nn.Module):
         # ---------------------------------------------------------------- ITC (focal, momentum distillation)
         with torch.no_grad():
             self.momentum_update()
-            image_embeds_m = self._image_tokens(self.visual_encoder_m, image)
+            if cfg.vision_frozen_blocks:
+                prefix_m = (self._vit_frozen_prefix(self.visual_encoder_m, vit_patches, vit_kv)
+                            if self._vit_prefix_trains() else vit_prefix)
+                image_embeds_m = self._vit_rest(self.visual_encoder_m, prefix_m, vit_patches)
+            else:
+                image_embeds_m = self._image_tokens(self.visual_encoder_m, image)
             image_feat_m = self._image_feature(image_embeds_m, self.vision_proj_m)
             text_embeds_m = self.text_encoder_m(text_ids, attention_mask)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]).float(), dim=-1)

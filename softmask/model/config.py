@@ -45,6 +45,14 @@ class ModelConfig:
     # within r patches (Chebyshev distance) and to no prefix token ([CLS], registers), which attend to all;
     # a patch token's receptive field then grows by r patches per block, as a CNN's does
     vision_attn_radius: Optional[int] = None
+    # the ViT's first k blocks, with its patch and position embeddings and [CLS], frozen (no gradient, left out
+    # of the optimizer and of the momentum update): their output is computed once per step and the momentum ViT
+    # goes on from it, so a frozen block costs one forward a step instead of three passes and the momentum
+    # copy's forward (docs/TRAINING_NOTES.md H45). With local attention (vision_attn_radius) no patch token reads
+    # [CLS] or the registers, so they keep training: their few rows go through the frozen blocks apart, with
+    # their gradient; with global attention they freeze too. Frozen blocks run without stochastic depth (they
+    # do not train). 0: every block trains (ALBEF)
+    vision_frozen_blocks: int = 0
     # what the ITC image feature reads: "cls" (ALBEF: the [CLS] token) or "max" (the elementwise max over
     # the patch tokens; docs/TRAINING_NOTES.md H8: a ViT learns the shapes data's shapes under max pooling
     # and not through [CLS] within the pretraining budget)
@@ -166,6 +174,10 @@ class ModelConfig:
             r = getattr(self, name)
             if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
                 raise ValueError(f"{name}: expected None or an int >= 0, got {r!r}")
+        k = self.vision_frozen_blocks
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.vision_depth:
+            raise ValueError(f"vision_frozen_blocks: expected an int in [0, vision_depth = {self.vision_depth}], "
+                             f"got {k!r}")
         if self.vision_registers < 0:
             raise ValueError(f"vision_registers: expected >= 0, got {self.vision_registers}")
         if self.queue_size < 0:

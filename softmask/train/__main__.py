@@ -128,6 +128,9 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
                    help="local self-attention for the ViT's patch tokens: each sees the patches within this many "
                    "patches (default: " + ("the checkpoint's" if finetune else "1 with the shapes recipe of "
                                            "--vit-checkpoint auto, else global attention, timm's ViT") + ")")
+    p.add_argument("--vision-frozen-blocks", type=int, default=None,
+                   help="freeze the ViT's first K blocks with its embeddings: computed once a step for the online "
+                   "and the momentum ViT, no backward through them (default: 0, every block trains)")
     p.add_argument("--fusion-text-input", choices=("encoder", "embeddings", "shared"), default=None,
                    help="what the fusion encoder reads on the text side: the text encoder's output (ALBEF, the "
                    "default), the BERT embeddings (the text encoder then feeds ITC only), or the embeddings "

@@ -157,6 +157,7 @@ class TrainConfig:
     vision_stem: Optional[str] = None
     vision_registers: Optional[int] = None
     vision_attn_radius: Optional[int] = None
+    vision_frozen_blocks: Optional[int] = None
     fusion_text_input: Optional[str] = None
     text_attn_radius: Optional[int] = None
     mlm_prob: Optional[float] = None
@@ -243,7 +244,8 @@ class TrainConfig:
                        "softmask_words", "gradcam_layer", "weight_itc", "weight_itm",
                        "weight_softmask", "weight_mlm", "queue_size", "text_aug", "itm_text_aug",
                        "fusion_layers", "momentum", "vision_stem",
-                       "vision_registers", "vision_attn_radius", "fusion_text_input", "text_attn_radius", "mlm_prob")
+                       "vision_registers", "vision_attn_radius", "vision_frozen_blocks", "fusion_text_input",
+                       "text_attn_radius", "mlm_prob")
 
     def recipe_applies(self) -> bool:
         """Whether ``vit_checkpoint="auto"`` means the shapes recipe: the ``tiny`` preset on the shapes data,
