@@ -62,14 +62,21 @@ FROM_SCRATCH_CONFIGS: dict[str, dict] = {
 }
 # the shapes recipe as it was from 2026-12-02 to 2026-12-02 (third session): 800 steps, ITM on the masked caption,
 # soft masks at floor 0.5 (docs/TRAINING_NOTES.md H32-H40); pinned so that the command reproduces its rows
-_RECIPE_800 = {"steps": 800, "itm_text_aug": True, "mask_floor": 0.5}
+# the recipe at full compute, the default job from 2026-12-02 (third session) to 2026-12-07: every ViT block trained,
+# batches of 48 (docs/TRAINING_NOTES.md H40, H45); pinned so that the command reproduces its rows
+_RECIPE_1200 = {"vision_frozen_blocks": 0, "batch_size": 48}
+RECIPE_1200_CONFIGS: dict[str, dict] = {name: {**_RECIPE_1200, **over} for name, over in RECIPE_CONFIGS.items()}
+_RECIPE_800 = {"steps": 800, "itm_text_aug": True, "mask_floor": 0.5, **_RECIPE_1200}
 RECIPE_800_CONFIGS: dict[str, dict] = {name: {**_RECIPE_800, **over} for name, over in RECIPE_CONFIGS.items()}
 # the default job's ablation on the variants where the paper's parts should show (docs/method.md; issue 29): captions
 # that name part of the image, and a long-tailed training set (the default job's settings, another --data)
 PARTIAL_CONFIGS: dict[str, dict] = {name: {"data": "shapes-partial", **over} for name, over in RECIPE_CONFIGS.items()}
 LONGTAIL_CONFIGS: dict[str, dict] = {name: {"data": "shapes-longtail", **over} for name, over in RECIPE_CONFIGS.items()}
-SUITES = {"recipe": RECIPE_CONFIGS, "recipe_800": RECIPE_800_CONFIGS, "from_scratch": FROM_SCRATCH_CONFIGS,
-          "partial": PARTIAL_CONFIGS, "longtail": LONGTAIL_CONFIGS}
+# the first seed of the partial-caption suite, run on the full-compute default before the switch
+PARTIAL_1200_CONFIGS: dict[str, dict] = {name: {**_RECIPE_1200, **over} for name, over in PARTIAL_CONFIGS.items()}
+SUITES = {"recipe": RECIPE_CONFIGS, "recipe_1200": RECIPE_1200_CONFIGS, "recipe_800": RECIPE_800_CONFIGS,
+          "from_scratch": FROM_SCRATCH_CONFIGS, "partial": PARTIAL_CONFIGS, "longtail": LONGTAIL_CONFIGS,
+          "partial_1200": PARTIAL_1200_CONFIGS}
 METRICS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color")
 PROBE = ("itm_pos", "itm_neg", "itm_pos_masked", "itm_neg_masked")
 # ALBEF-protocol grounding, the occlusion evaluation (occ_*: eval.json's "occlusion") and the long tail's head / tail
@@ -79,9 +86,7 @@ GROUNDING = ("tr_r1_true", "ir_r1_true", "grounding_acc", "occ_itm_clean", "occ_
              "occh_pointing_occluded", "lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head",
              "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail")
 RESULTS = os.path.join("bench_results", "ablation")
-SUITE_RESULTS = {"recipe": RESULTS, "recipe_800": os.path.join(RESULTS, "recipe_800"),
-                 "from_scratch": os.path.join(RESULTS, "from_scratch"), "partial": os.path.join(RESULTS, "partial"),
-                 "longtail": os.path.join(RESULTS, "longtail")}
+SUITE_RESULTS = {suite: os.path.join(RESULTS, suite) for suite in SUITES}
 
 
 def flat_metrics(ev: dict) -> dict:
@@ -121,6 +126,26 @@ def run_one(config: str, seed: int, out: str, threads: int, extra: dict, suite: 
     if extra:
         row["overrides"] = extra
     return row
+
+
+def import_run(config: str, seed: int, run_dir: str, suite: str = "recipe") -> dict:
+    """The row of a run trained outside the driver (e.g. the default job's timing run), after checking that its
+    saved settings are the suite config's for ``seed``: every field that changes what a run computes
+    (``config_differences``) must agree. Raises ValueError naming the differing fields."""
+    from softmask.train.config import config_differences
+    from softmask.train.loop import TrainConfig
+
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)["train"]
+    want = TrainConfig(seed=seed, out=run_dir, **SUITES[suite][config]).resolved()
+    diffs = config_differences(want, saved)
+    if diffs:
+        raise ValueError(f"--import-run {run_dir}: not {suite}/{config} seed {seed}: "
+                         + "; ".join(f"{k}: {old!r} in the run, {new!r} in the suite" for k, old, new in diffs))
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        ev = json.load(f)
+    return {"config": config, "seed": seed, **{k: ev[k] for k in METRICS}, **{k: ev[k] for k in PROBE if k in ev},
+            **flat_metrics(ev), "wall_s": None, "threads": saved.get("threads"), "imported_from": run_dir}
 
 
 def _child(args) -> int:
@@ -264,10 +289,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m research.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--suite", choices=list(SUITES), default="recipe",
-                   help="recipe: the default job's ablation; recipe_800: the recipe before 2026-12-02's third session "
-                   "(800 steps, ITM on the masked caption, floor 0.5); from_scratch: the default before it "
-                   "(random-init ViT); partial / longtail: the default job's ablation on --data shapes-partial / "
-                   "shapes-longtail")
+                   help="recipe: the default job's ablation; recipe_1200: the default before 2026-12-07 (every ViT "
+                   "block trained, batches of 48: twice the compute); recipe_800: the recipe before 2026-12-02's "
+                   "third session (800 steps, ITM on the masked caption, floor 0.5); from_scratch: the default before "
+                   "it (random-init ViT); partial / longtail: the default job's ablation on --data shapes-partial / "
+                   "shapes-longtail; partial_1200: partial on the default before 2026-12-07")
     p.add_argument("--configs", nargs="+", default=None, choices=sorted(set().union(*SUITES.values())),
                    help="default: every configuration of the suite")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
@@ -277,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="default: the suite's folder under bench_results/ablation")
     p.add_argument("--extra", default="{}", help="JSON of TrainConfig overrides applied to every config")
     p.add_argument("--render", action="store_true", help="only render the table and figure")
+    p.add_argument("--import-run", nargs=3, metavar=("CONFIG", "SEED", "RUN_DIR"), default=None,
+                   help="add the row of a run trained outside the driver (its settings must be the suite config's)")
     for name in ("child-config", "child-seed", "child-out", "child-result"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS, type=int if name == "child-seed" else str)
     args = p.parse_args(argv)
@@ -291,6 +319,22 @@ def main(argv=None) -> int:
     bad = [c for c in args.configs if c not in SUITES[args.suite]]
     if bad:
         p.error(f"--configs: {', '.join(bad)} not in suite {args.suite!r} (its configs: {', '.join(SUITES[args.suite])})")
+    if args.import_run:
+        config, seed, run_dir = args.import_run[0], int(args.import_run[1]), args.import_run[2]
+        if config not in SUITES[args.suite]:
+            p.error(f"--import-run: {config} not in suite {args.suite!r}")
+        path = os.path.join(args.results, "ablation.json")
+        rows = _load(path)
+        if any((r["config"], r["seed"]) == (config, seed) for r in rows):
+            p.error(f"--import-run: {path} already has {config} seed {seed}")
+        try:
+            row = import_run(config, seed, run_dir, args.suite)
+        except (ValueError, OSError) as e:
+            print(f"python -m research.ablation: {e}", file=sys.stderr)
+            return 2
+        _save(path, rows + [row])
+        render(args.results, args.suite)
+        return 0
     if args.render:
         print(render(args.results, args.suite))
         return 0

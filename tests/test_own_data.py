@@ -382,7 +382,8 @@ def test_resume_with_other_settings_names_them(run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r'resume: .*\(data: "\S+/train.json" in the checkpoint, "shapes" now; '
                                          r'image_root: "\S+" in the checkpoint, null now; vision_lr_scale: 1.0 in the '
                                          r'checkpoint, 0.1 now; mask_floor: null in the checkpoint, 0.75 now; vision_attn_radius: null in the '
-                                         r'checkpoint, 1 now; text_attn_radius: null in the checkpoint, 1 now; '
+                                         r'checkpoint, 1 now; vision_frozen_blocks: null in the checkpoint, 3 now; '
+                                         r'text_attn_radius: null in the checkpoint, 1 now; '
                                          r'itm_text_aug: null in the checkpoint, false now\)'):
         train(TrainConfig(out=out, resume=True, steps=5, batch_size=4, queue_size=16, run_eval=False, progress=False))
     # the run's own settings (nothing given but --resume): continues, here with nothing left to do

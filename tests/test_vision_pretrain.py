@@ -138,18 +138,19 @@ def test_shapes_recipe_resolution(tmp_path):
     """vit_checkpoint "auto" (the default) is the shapes recipe exactly where the shipped ViT fits: the tiny preset
     on the shapes data from no checkpoint; settings given keep their value; elsewhere the earlier default."""
     recipe = dict(vit_checkpoint=BUILTIN_VIT, vision_attn_radius=1, vision_lr_scale=0.1, text_attn_radius=1,
-                  mask_floor=0.75, itm_text_aug=False, steps=1200)
+                  mask_floor=0.75, itm_text_aug=False, steps=1200, vision_frozen_blocks=3, batch_size=33)
     r = TrainConfig().resolved()
     assert {k: getattr(r, k) for k in recipe} == recipe
     assert r.resolved() == r  # idempotent: a run's saved config.json replays the same run
     assert TrainConfig(**recipe).resolved() == r  # the explicit recipe is the default
     # settings given are kept, the rest of the recipe still applies
-    r = TrainConfig(text_attn_radius=3, vision_lr_scale=0.5, steps=700, itm_text_aug=True, mask_floor=0.0).resolved()
+    r = TrainConfig(text_attn_radius=3, vision_lr_scale=0.5, steps=700, itm_text_aug=True, mask_floor=0.0,
+                    vision_frozen_blocks=0, batch_size=48).resolved()
     assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale, r.vision_attn_radius) == (BUILTIN_VIT, 3, 0.5, 1)
-    assert (r.steps, r.itm_text_aug, r.mask_floor) == (700, True, 0.0)
+    assert (r.steps, r.itm_text_aug, r.mask_floor, r.vision_frozen_blocks, r.batch_size) == (700, True, 0.0, 0, 48)
     # elsewhere: random init, global attention, the ViT at the full lr (the earlier default)
     earlier = dict(vit_checkpoint=None, vision_attn_radius=None, vision_lr_scale=1.0, text_attn_radius=None,
-                   mask_floor=None, itm_text_aug=None, steps=800)
+                   mask_floor=None, itm_text_aug=None, steps=800, vision_frozen_blocks=None, batch_size=48)
     for other in (dict(vit_checkpoint="none"), dict(vit_checkpoint=None), dict(preset="base"),
                   dict(data=str(tmp_path / "caps.json")), dict(init_checkpoint=str(tmp_path)),
                   dict(vision_stem="conv"), dict(vision_registers=2), dict(vision_attn_radius=2),
@@ -328,3 +329,15 @@ def test_shape_probe_features_per_box_and_per_token():
         assert (st[start:start + n] == sb[j]).all() and (ct[start:start + n] == cb[j]).all()
         torch.testing.assert_close(Xt[start:start + n].mean(0), Xb[j], atol=1e-5, rtol=1e-5)
         start += n
+
+
+def test_runs_saved_before_frozen_blocks_keep_every_block_training():
+    """A run saved before vision_frozen_blocks existed trained every block: resuming or comparing it counts the
+    missing field as 0 (LEGACY_VALUES), not as today's recipe value, 3."""
+    from softmask.train.config import LEGACY_VALUES, config_differences
+
+    old = TrainConfig(vision_frozen_blocks=0, batch_size=48).resolved().to_dict()
+    del old["vision_frozen_blocks"]
+    assert LEGACY_VALUES["vision_frozen_blocks"] == 0
+    assert config_differences(TrainConfig(vision_frozen_blocks=0, batch_size=48).resolved(), old) == []
+    assert ("vision_frozen_blocks", 0, 3) in config_differences(TrainConfig(batch_size=48).resolved(), old)

@@ -26,6 +26,7 @@ import os
 import sys
 
 from softmask.runs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_config
+from softmask.train.config import LEGACY_VALUES
 from softmask.train.loop import (
     PROGS,
     TASK_DEFAULTS,
@@ -118,7 +119,8 @@ def build_parser(task: str = "pretrain") -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the training set (replaces --steps; a --steps flag cancels a config file's "
                    "epochs)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process (>= 2)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step and process (>= 2; "
+                   "default: " + ("48)" if finetune else "33 with the shapes recipe of --vit-checkpoint auto, else 48)"))
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, cosine with warm-up)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--vision-lr-scale", type=float, default=d.vision_lr_scale,
@@ -260,7 +262,8 @@ def _saved_train_config(run: str):
     if ckpt is None:
         return None, {}
     try:
-        return ckpt, load_checkpoint_config(ckpt)["train"]
+        saved = load_checkpoint_config(ckpt)["train"]
+        return ckpt, {**{k: v for k, v in LEGACY_VALUES.items() if k not in saved}, **saved}
     except CheckpointError:
         return ckpt, {}
 

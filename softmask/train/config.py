@@ -23,7 +23,7 @@ from softmask.runs.errors import NO_VALUE, ConfigError
 from softmask.train.vision_pretrain import BUILTIN_VIT, BUILTIN_VIT_RADIUS
 
 __all__ = ["TrainConfig", "task_config", "load_config_file", "config_differences", "RUNTIME_FIELDS", "TASKS",
-           "TASK_DEFAULTS", "PROGS", "AUTO", "RECIPE_STEPS", "DEFAULT_STEPS"]
+           "TASK_DEFAULTS", "PROGS", "AUTO", "RECIPE_STEPS", "DEFAULT_STEPS", "LEGACY_VALUES"]
 
 #: ``TrainConfig.vit_checkpoint`` default: the shapes recipe where it applies (:meth:`TrainConfig.resolved`)
 AUTO = "auto"
@@ -35,8 +35,17 @@ RECIPE_MASK_FLOOR = 0.75
 # the shapes recipe's ITM (and soft-masked pairs) read the clean caption, ITC alone the masked one: a masked caption
 # can lose the word that tells it from its hard negative (docs/TRAINING_NOTES.md H38-H40)
 RECIPE_ITM_TEXT_AUG = False
-RECIPE_STEPS = 1200  # the shapes recipe's budget: ITM reaches 0.8 / 0.2 (H33-H35, H39); 587 s on 2 cores
+RECIPE_STEPS = 1200  # the shapes recipe's budget: ITM reaches 0.8 / 0.2 (H33-H35, H39)
 DEFAULT_STEPS = 800  # elsewhere
+# the shapes recipe at half the compute of the 1,200-step default of 2026-12-02 (docs/TRAINING_NOTES.md H45): the
+# shipped ViT's first three blocks frozen and shared with the momentum ViT, batches of 33 (19.0 GFLOP a step
+# against 39.1; ITM's hard negatives need optimizer steps more than pairs per step)
+RECIPE_VISION_FROZEN_BLOCKS = 3
+RECIPE_BATCH_SIZE = 33
+DEFAULT_BATCH_SIZE = 48  # elsewhere
+#: what a run saved before a field existed computed, where that differs from the field's default now: a resumed or
+#: replayed older run keeps it
+LEGACY_VALUES = {"vision_frozen_blocks": 0}
 
 TASKS = ("pretrain", "retrieval")
 PROGS = {"pretrain": "softmask-pretrain", "retrieval": "softmask-finetune"}  # the command of each task
@@ -104,7 +113,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # None/"shapes": the shapes WordPiece tokenizer; else a local HF directory
     steps: Optional[int] = None  # None: 1,200 with the shapes recipe, else 800 (see resolved)
     epochs: Optional[int] = None  # passes over the training set; replaces ``steps`` when set
-    batch_size: int = 48
+    batch_size: Optional[int] = None  # pairs per step and process; None: 33 with the shapes recipe, else 48
     lr: float = 5e-4
     min_lr_ratio: float = 0.02
     weight_decay: float = 0.02
@@ -219,7 +228,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(name, v, "expected a positive integer")
-        if self.batch_size < 2:
+        if self.batch_size is not None and self.batch_size < 2:
             raise ConfigError("batch_size", self.batch_size, "expected an integer >= 2 (every pair's hard ITM "
                                                              "negative is another pair of its batch)")
         if self.max_len < 3:
@@ -264,11 +273,13 @@ class TrainConfig:
         at a tenth of the lr (``vision_lr_scale`` 0.1), local text self-attention of radius 1
         (``text_attn_radius``), soft masks that keep three quarters of the contrast of the word's most tied patch
         (``mask_floor`` 0.75), ITM and the soft-masked pairs on the clean caption (``itm_text_aug`` False: ITC
-        alone reads the masked one) and 1,200 steps; settings given explicitly are kept. Measured in the README
-        ("Pretraining") and docs/TRAINING_NOTES.md (H18-H22, H31-H40). Elsewhere (another
+        alone reads the masked one), the ViT's first three blocks frozen (``vision_frozen_blocks``) and 1,200
+        steps of 33 pairs; settings given explicitly are kept. Measured in the README ("Pretraining") and
+        docs/TRAINING_NOTES.md (H18-H22, H31-H40, H45). Elsewhere (another
         preset or data set, a checkpoint to start from, another ViT architecture) ``"auto"`` is a random init,
         the earlier default; ``vit_checkpoint="none"`` asks for that on the shapes data too. ``vision_lr_scale``
-        None is 0.1 with the recipe, else 1.0; ``steps`` None is 1,200 with the recipe, else 800."""
+        None is 0.1 with the recipe, else 1.0; ``steps`` None is 1,200 with the recipe, else 800; ``batch_size``
+        None is 33 with the recipe, else 48."""
         if self.recipe_applies():
             return dataclasses.replace(
                 self, vit_checkpoint=BUILTIN_VIT, vision_attn_radius=BUILTIN_VIT_RADIUS,
@@ -276,11 +287,16 @@ class TrainConfig:
                 text_attn_radius=RECIPE_TEXT_ATTN_RADIUS if self.text_attn_radius is None else self.text_attn_radius,
                 mask_floor=RECIPE_MASK_FLOOR if self.mask_floor is None else self.mask_floor,
                 itm_text_aug=RECIPE_ITM_TEXT_AUG if self.itm_text_aug is None else self.itm_text_aug,
-                steps=RECIPE_STEPS if self.steps is None else self.steps)
-        if self.vit_checkpoint == AUTO or self.vision_lr_scale is None or self.steps is None:
+                steps=RECIPE_STEPS if self.steps is None else self.steps,
+                vision_frozen_blocks=(RECIPE_VISION_FROZEN_BLOCKS if self.vision_frozen_blocks is None
+                                      else self.vision_frozen_blocks),
+                batch_size=RECIPE_BATCH_SIZE if self.batch_size is None else self.batch_size)
+        if (self.vit_checkpoint == AUTO or self.vision_lr_scale is None or self.steps is None
+                or self.batch_size is None):
             return dataclasses.replace(self, vit_checkpoint=None if self.vit_checkpoint == AUTO else self.vit_checkpoint,
                                        vision_lr_scale=1.0 if self.vision_lr_scale is None else self.vision_lr_scale,
-                                       steps=DEFAULT_STEPS if self.steps is None else self.steps)
+                                       steps=DEFAULT_STEPS if self.steps is None else self.steps,
+                                       batch_size=DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size)
         return self
 
     def model_config(self, tokenizer):
@@ -406,7 +422,7 @@ def config_differences(cfg: "TrainConfig", saved: dict) -> list:
             continue
         if name == "steps" and now.get("epochs") is not None and saved.get("epochs") is not None:
             continue
-        old = saved.get(name, defaults[name])
+        old = saved.get(name, LEGACY_VALUES.get(name, defaults[name]))
         if old != value:
             diffs.append((name, old, value))
     return diffs
