@@ -671,12 +671,22 @@ def test_ablation_suites_train_what_they_name():
         r = TrainConfig(**over).resolved()
         assert (r.vit_checkpoint, r.text_attn_radius, r.vision_lr_scale) == ("shapes-objects", 1, 0.1), name
         assert (r.steps, r.itm_text_aug, r.mask_floor) == (1200, False, 0.75), name
+        assert (r.vision_frozen_blocks, r.batch_size) == (3, 33), name
+    # the full-compute default (until 2026-12-07) and the partial-caption seed run on it: every block, batches of 48
+    pinned = ("vision_frozen_blocks", "batch_size")
+    for suite, base in (("recipe_1200", ablation.RECIPE_CONFIGS), ("partial_1200", ablation.PARTIAL_CONFIGS)):
+        assert set(ablation.SUITES[suite]) == set(base)
+        for name, over in ablation.SUITES[suite].items():
+            r = TrainConfig(**over).resolved()
+            assert (r.vision_frozen_blocks, r.batch_size, r.steps, r.mask_floor) == (0, 48, 1200, 0.75), (suite, name)
+            assert {k: v for k, v in over.items() if k not in pinned} == base[name], (suite, name)
     # the recipe's first version: the same configurations at 800 steps, ITM on the masked caption, floor 0.5
     assert set(ablation.RECIPE_800_CONFIGS) == set(ablation.RECIPE_CONFIGS)
     for name, over in ablation.RECIPE_800_CONFIGS.items():
         r = TrainConfig(**over).resolved()
         assert (r.vit_checkpoint, r.steps, r.itm_text_aug, r.mask_floor) == ("shapes-objects", 800, True, 0.5), name
-        assert {k: v for k, v in over.items() if k not in ("steps", "itm_text_aug", "mask_floor")} == \
+        assert (r.vision_frozen_blocks, r.batch_size) == (0, 48), name
+        assert {k: v for k, v in over.items() if k not in ("steps", "itm_text_aug", "mask_floor") + pinned} == \
             ablation.RECIPE_CONFIGS[name]
     for name, over in ablation.FROM_SCRATCH_CONFIGS.items():
         r = TrainConfig(**over).resolved()
@@ -688,3 +698,33 @@ def test_ablation_suites_train_what_they_name():
         assert set(ablation.RECIPE_CONFIGS[name]) == keys
     with pytest.raises(SystemExit):  # a configuration of another suite is refused, not run under the wrong one
         ablation.main(["--suite", "recipe", "--configs", "full_one_pair", "--render"])
+
+
+def test_ablation_import_run_checks_the_settings(tmp_path, capsys):
+    """--import-run adds a row only for a run whose saved settings are the suite config's for that seed."""
+    from research import ablation
+    from softmask.train.loop import TrainConfig
+
+    ev = {k: 50.0 for k in ablation.METRICS}
+    ev.update({k: 0.5 for k in ablation.PROBE}, grounding_acc=90.0, occlusion={"itm_clean": 0.9})
+
+    def fake_run(name, **over):
+        d = tmp_path / name
+        d.mkdir()
+        train = TrainConfig(seed=4, out=str(d), **over).resolved().to_dict()
+        (d / "config.json").write_text(json.dumps({"train": train}))
+        (d / "eval.json").write_text(json.dumps(ev))
+        return str(d)
+
+    results = str(tmp_path / "rows")
+    good, bad = fake_run("good"), fake_run("bad", batch_size=48)
+    argv = ["--suite", "recipe", "--results", results, "--import-run", "full", "4"]
+    assert ablation.main(argv + [bad]) == 2
+    assert "batch_size: 48 in the run, 33 in the suite" in capsys.readouterr().err
+    assert ablation.main(argv + [good]) == 0
+    with open(os.path.join(results, "ablation.json")) as f:
+        rows = json.load(f)
+    assert len(rows) == 1 and rows[0]["seed"] == 4 and rows[0]["imported_from"] == good
+    assert rows[0]["grounding_acc"] == 90.0 and rows[0]["occ_itm_clean"] == 0.9
+    with pytest.raises(SystemExit):  # the same (config, seed) twice is refused
+        ablation.main(argv + [good])
