@@ -343,9 +343,12 @@ class SoftMaskALBEF(nn.Module):
 
     def _image_tokens(self, vit: nn.Module, image: torch.Tensor) -> torch.Tensor:
         """ViT tokens ``[B, 1+P, Dv]``: [CLS] then the patches (register tokens, if any, dropped)."""
-        embeds = vit.forward_features(image)  # (B, 1 + R + P, Dv)
+        return self._drop_registers(vit.forward_features(image))  # from (B, 1 + R + P, Dv)
+
+    def _drop_registers(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1+R+P, Dv]`` ViT output -> ``[B, 1+P, Dv]``: [CLS] then the patches."""
         R = self.cfg.vision_registers
-        return torch.cat([embeds[:, :1], embeds[:, 1 + R :]], dim=1) if R else embeds
+        return torch.cat([x[:, :1], x[:, 1 + R :]], dim=1) if R else x
 
     def _vit_prefix_trains(self) -> bool:
         """Whether [CLS] and the registers keep training under ``vision_frozen_blocks``: with local attention
@@ -392,9 +395,7 @@ class SoftMaskALBEF(nn.Module):
         x = torch.cat([prefix, x], dim=1)
         for blk in vit.blocks[self.cfg.vision_frozen_blocks:]:
             x = blk(x)
-        x = vit.norm(x)
-        R = self.cfg.vision_registers
-        return torch.cat([x[:, :1], x[:, 1 + R :]], dim=1) if R else x
+        return self._drop_registers(vit.norm(x))
 
     def encode_image(self, image: torch.Tensor):
         """``image [B,3,S,S] -> (embeds [B, 1+P, Dv], feat [B, E] unit-norm)``."""
