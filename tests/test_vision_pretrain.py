@@ -331,13 +331,16 @@ def test_shape_probe_features_per_box_and_per_token():
         start += n
 
 
-def test_runs_saved_before_frozen_blocks_keep_every_block_training():
-    """A run saved before vision_frozen_blocks existed trained every block: resuming or comparing it counts the
-    missing field as 0 (LEGACY_VALUES), not as today's recipe value, 3."""
-    from softmask.train.config import LEGACY_VALUES, config_differences
+def test_runs_saved_before_frozen_blocks_keep_every_block_training(tmp_path):
+    """A run saved before vision_frozen_blocks existed trained every block: resuming, replaying or comparing it
+    counts the missing field as 0 (LEGACY_VALUES), not as today's recipe value, 3."""
+    from softmask.train.config import LEGACY_VALUES, config_differences, load_config_file
 
     old = TrainConfig(vision_frozen_blocks=0, batch_size=48).resolved().to_dict()
     del old["vision_frozen_blocks"]
     assert LEGACY_VALUES["vision_frozen_blocks"] == 0
     assert config_differences(TrainConfig(vision_frozen_blocks=0, batch_size=48).resolved(), old) == []
     assert ("vision_frozen_blocks", 0, 3) in config_differences(TrainConfig(batch_size=48).resolved(), old)
+    run_config = tmp_path / "config.json"  # replaying the older run from its own config.json
+    run_config.write_text(json.dumps({"train": old}))
+    assert TrainConfig(**load_config_file(str(run_config))).resolved().vision_frozen_blocks == 0

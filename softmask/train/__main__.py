@@ -26,7 +26,7 @@ import os
 import sys
 
 from softmask.runs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_config
-from softmask.train.config import LEGACY_VALUES
+from softmask.train.config import with_legacy_values
 from softmask.train.loop import (
     PROGS,
     TASK_DEFAULTS,
@@ -262,8 +262,7 @@ def _saved_train_config(run: str):
     if ckpt is None:
         return None, {}
     try:
-        saved = load_checkpoint_config(ckpt)["train"]
-        return ckpt, {**{k: v for k, v in LEGACY_VALUES.items() if k not in saved}, **saved}
+        return ckpt, with_legacy_values(load_checkpoint_config(ckpt)["train"])
     except CheckpointError:
         return ckpt, {}
 

@@ -23,7 +23,8 @@ from softmask.runs.errors import NO_VALUE, ConfigError
 from softmask.train.vision_pretrain import BUILTIN_VIT, BUILTIN_VIT_RADIUS
 
 __all__ = ["TrainConfig", "task_config", "load_config_file", "config_differences", "RUNTIME_FIELDS", "TASKS",
-           "TASK_DEFAULTS", "PROGS", "AUTO", "RECIPE_STEPS", "DEFAULT_STEPS", "LEGACY_VALUES"]
+           "TASK_DEFAULTS", "PROGS", "AUTO", "RECIPE_STEPS", "DEFAULT_STEPS", "LEGACY_VALUES",
+           "with_legacy_values"]
 
 #: ``TrainConfig.vit_checkpoint`` default: the shapes recipe where it applies (:meth:`TrainConfig.resolved`)
 AUTO = "auto"
@@ -46,6 +47,13 @@ DEFAULT_BATCH_SIZE = 48  # elsewhere
 #: what a run saved before a field existed computed, where that differs from the field's default now: a resumed or
 #: replayed older run keeps it
 LEGACY_VALUES = {"vision_frozen_blocks": 0}
+
+
+def with_legacy_values(train: dict) -> dict:
+    """A run's saved ``"train"`` settings with the fields it predates set as that run computed them
+    (:data:`LEGACY_VALUES`): what resuming, replaying and comparing an older run read."""
+    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in train}, **train}
+
 
 TASKS = ("pretrain", "retrieval")
 PROGS = {"pretrain": "softmask-pretrain", "retrieval": "softmask-finetune"}  # the command of each task
@@ -389,7 +397,7 @@ def load_config_file(path: str) -> dict:
         if extra:
             raise ConfigError("config", path, f"unknown top-level key {extra[0]!r} in a run config (expected "
                                               f"'train' and {', '.join(repr(k) for k in _RUN_CONFIG_KEYS)})")
-        data = data["train"]
+        data = with_legacy_values(data["train"])
     hints = typing.get_type_hints(TrainConfig)
     out = {}
     for key, value in data.items():
@@ -416,13 +424,14 @@ def config_differences(cfg: "TrainConfig", saved: dict) -> list:
     is ignored when both use ``epochs``."""
     defaults = TrainConfig().to_dict()
     now = cfg.to_dict()
+    saved = with_legacy_values(saved)
     diffs = []
     for name, value in now.items():
         if name in RUNTIME_FIELDS:
             continue
         if name == "steps" and now.get("epochs") is not None and saved.get("epochs") is not None:
             continue
-        old = saved.get(name, LEGACY_VALUES.get(name, defaults[name]))
+        old = saved.get(name, defaults[name])
         if old != value:
             diffs.append((name, old, value))
     return diffs
