@@ -120,12 +120,16 @@ def run_one(config: str, seed: int, out: str, threads: int, extra: dict, suite: 
     cfg = TrainConfig(seed=seed, out=out, progress=False, threads=threads, **{**SUITES[suite][config], **extra})
     t0 = time.time()
     summary = train(cfg)
-    ev = summary["eval"]
-    row = {"config": config, "seed": seed, **{k: ev[k] for k in METRICS}, **{k: ev[k] for k in PROBE if k in ev},
-           **flat_metrics(ev), "wall_s": time.time() - t0, "threads": threads}
+    row = _row(config, seed, summary["eval"], wall_s=time.time() - t0, threads=threads)
     if extra:
         row["overrides"] = extra
     return row
+
+
+def _row(config: str, seed: int, ev: dict, **more) -> dict:
+    """One row of ablation.json from a run's evaluation (``eval.json``)."""
+    return {"config": config, "seed": seed, **{k: ev[k] for k in METRICS}, **{k: ev[k] for k in PROBE if k in ev},
+            **flat_metrics(ev), **more}
 
 
 def import_run(config: str, seed: int, run_dir: str, suite: str = "recipe") -> dict:
@@ -144,8 +148,7 @@ def import_run(config: str, seed: int, run_dir: str, suite: str = "recipe") -> d
                          + "; ".join(f"{k}: {old!r} in the run, {new!r} in the suite" for k, old, new in diffs))
     with open(os.path.join(run_dir, "eval.json")) as f:
         ev = json.load(f)
-    return {"config": config, "seed": seed, **{k: ev[k] for k in METRICS}, **{k: ev[k] for k in PROBE if k in ev},
-            **flat_metrics(ev), "wall_s": None, "threads": saved.get("threads"), "imported_from": run_dir}
+    return _row(config, seed, ev, wall_s=None, threads=saved.get("threads"), imported_from=run_dir)
 
 
 def _child(args) -> int:
