@@ -7,16 +7,17 @@
     python -m research.ablation --suite partial        # the default's ablation on shapes-partial (partial captions)
     python -m research.ablation --suite longtail       # ... on shapes-longtail (long-tailed training combinations)
 
-Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 1,200 steps of 48 pairs, the
-shapes recipe: the shipped ViT and local attention on both sides, ITM on the clean caption, soft masks at
-floor 0.75) with the config's overrides, evaluates
-it on the 256 held-out pairs, and appends one row to ``bench_results/ablation/ablation.json`` (a list of
+Each (config, seed) trains the default job (``TrainConfig()``: tiny preset, 1,200 steps of 33 pairs, the
+shapes recipe: the shipped ViT with its first three blocks frozen and local attention on both sides, ITM on the
+clean caption, soft masks at floor 0.75) with the config's overrides, evaluates
+it on the 256 held-out pairs, and appends one row to ``bench_results/ablation/SUITE/ablation.json`` (a list of
 rows with ``config``, ``seed``, ``tr_r1``, ``tr_r5``, ``ir_r1``, ``ir_r5``, ``itc_tr_r1``, ``itc_ir_r1``,
 ``pointing_game``, ``pointing_game_color``, the ITM probe and the wall time). The file is rewritten
 atomically after every finished run and rows already there are skipped, so an interrupted ablation
 resumes where it stopped. ``--jobs 2`` trains two runs at once with one intra-op thread each (on the
 2-core machine, two one-thread runs finish more steps per second than one two-thread run). The rendered
-table (mean +- std over seeds) goes to ``README.md`` and the figure to ``ablation.png`` beside the rows.
+table (mean +- std over seeds, and ``full`` minus each configuration paired by seed) goes to ``README.md`` and the
+figure (the suite's metrics, :data:`KEY_METRICS`, each seed drawn) to ``ablation.png`` beside the rows.
 
 Configurations (``SUITES["recipe"]``, the default job): the full method; without soft
 masks; without focal ITC (gamma 0); without multi-modal augmentation (no masked-caption view, no
@@ -85,6 +86,16 @@ GROUNDING = ("tr_r1_true", "ir_r1_true", "grounding_acc", "occ_itm_clean", "occ_
              "occ_pointing_clean", "occ_pointing_occluded", "occh_itm_occluded", "occh_tr_r1_occluded",
              "occh_pointing_occluded", "lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head",
              "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail")
+# what each suite is for: the metrics its figure draws and its paired table compares, in % and as probabilities
+_DEFAULT_KEYS = (("tr_r1", "ir_r1", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color"),
+                 ("itm_pos", "itm_neg"))
+KEY_METRICS = {suite: _DEFAULT_KEYS for suite in SUITES}
+KEY_METRICS["partial"] = KEY_METRICS["partial_1200"] = (
+    ("tr_r1_true", "ir_r1_true", "pointing_game", "pointing_game_color"),
+    ("occ_itm_clean", "occh_itm_occluded", "itm_neg"))
+KEY_METRICS["longtail"] = (
+    ("lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head", "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail"),
+    ("itm_pos", "itm_neg"))
 RESULTS = os.path.join("bench_results", "ablation")
 SUITE_RESULTS = {suite: os.path.join(RESULTS, suite) for suite in SUITES}
 
@@ -247,6 +258,12 @@ def render(results: str, suite: str = "recipe") -> str:
                   "on the images as they are and with one named object painted over; `occh_*`: only its left half "
                   "painted over) and the long tail's head / tail "
                   "(`lt_*`), as `eval.json` has them:\n\n" + table_of(more))
+    paired = _paired(by, order, [k for group in KEY_METRICS[suite] for k in group])
+    if paired:
+        table += ("\n\nPaired by seed: `full` minus each configuration, mean over the seeds both have (smallest to "
+                  "largest difference; in how many of them `full` is higher). A positive number is what the parts "
+                  "the configuration leaves out add (for `itm_neg`, hard negatives' match probability, lower is "
+                  "better):\n\n" + paired)
     md = ("# Ablation on the embedded shapes data\n\n"
           "Written by `python -m research.ablation` from `ablation.json` (one row per config and seed). "
           "Retrieval in % on the 256 held-out pairs (ITM rerank of the ITC top 16; `itc_*`: ITC alone); "
@@ -259,31 +276,73 @@ def render(results: str, suite: str = "recipe") -> str:
     with open(os.path.join(results, "README.md"), "w") as f:
         f.write(md)
     if rows:
-        _figure(by, order, os.path.join(results, "ablation.png"))
+        _figure(by, order, os.path.join(results, "ablation.png"), KEY_METRICS[suite], suite)
     return table
 
 
-def _figure(by, order, png):
+def _paired(by: dict, order: list, keys: list) -> str:
+    """Markdown table of ``full`` minus each other configuration, paired by seed, for ``keys``."""
+    if "full" not in by:
+        return ""
+    full = {r["seed"]: r for r in by["full"]}
+    lines = []
+    for c in order:
+        if c == "full":
+            continue
+        cells = []
+        for k in keys:
+            diffs = [full[r["seed"]][k] - r[k] for r in by[c]
+                     if r["seed"] in full and r.get(k) is not None and full[r["seed"]].get(k) is not None]
+            if not diffs:
+                cells.append("")
+                continue
+            prec = 2 if k in PROBE or "_itm_" in k else 1
+            up = sum(d > 0 for d in diffs)
+            mean = f"{sum(diffs) / len(diffs):+.{prec}f}"
+            cells.append(f"{mean} (1 seed)" if len(diffs) == 1 else
+                         f"{mean} ({min(diffs):+.{prec}f} to {max(diffs):+.{prec}f}; {up}/{len(diffs)})")
+        if any(cells):
+            lines.append(f"| full - {c} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)] + lines)
+
+
+def _figure(by, order, png, keys=_DEFAULT_KEYS, suite="recipe"):
+    """Bars of the mean over seeds with each seed's value as a dot: the suite's metrics in % (left) and its ITM
+    match probabilities (right), the metrics a run lacks left out."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    keys = ("tr_r1", "ir_r1", "itc_tr_r1", "itc_ir_r1", "pointing_game", "pointing_game_color")
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    panels = [[k for k in group if any(r.get(k) is not None for c in order for r in by[c])] for group in keys]
+    panels = [(ks, lim, label) for ks, lim, label in zip(panels, (100, 1), ("%", "ITM match probability")) if ks]
+    if not panels:
+        return
+    widths = [max(2, len(ks)) for ks, _, _ in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.8), gridspec_kw={"width_ratios": widths}, squeeze=False)
     width = 0.8 / max(1, len(order))
-    for j, c in enumerate(order):
-        ms, sds = zip(*[_stats([r[k] for r in by[c]]) for k in keys])
-        xs = [i + (j - (len(order) - 1) / 2) * width for i in range(len(keys))]
-        ax.bar(xs, ms, width, yerr=[0 if math.isnan(s) else s for s in sds], capsize=2,
-               label=f"{c} (n={len(by[c])})")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=len(order))
-    fig.tight_layout()
+    for p, (ax, (ks, lim, label)) in enumerate(zip(axes[0], panels)):
+        for j, c in enumerate(order):
+            color = f"C{j}"
+            for i, k in enumerate(ks):
+                xs = [r[k] for r in by[c] if r.get(k) is not None]
+                if not xs:
+                    continue
+                x = i + (j - (len(order) - 1) / 2) * width
+                ax.bar(x, _stats(xs)[0], width, color=color, alpha=0.55,
+                       label=f"{c} (n={len(by[c])})" if p == 0 and i == 0 else None)
+                ax.plot([x] * len(xs), xs, "o", color=color, markersize=2.5, markeredgecolor="black",
+                        markeredgewidth=0.3)
+        ax.set_xticks(range(len(ks)))
+        ax.set_xticklabels(ks, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, lim)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"suite {suite}: mean over seeds (bars), each seed (dots)", fontsize=9)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(order), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(png, dpi=100)
     plt.close(fig)
 

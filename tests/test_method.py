@@ -380,6 +380,29 @@ def test_ablation_table_mean_and_std(tmp_path):
     assert (tmp_path / "README.md").exists() and (tmp_path / "ablation.png").exists()
 
 
+def test_ablation_paired_differences(tmp_path):
+    """The paired table compares full with each configuration seed by seed, over the seeds both have only."""
+    from research import ablation
+
+    rows = [{"config": "full", "seed": s, "tr_r1": v, "itm_neg": 0.1} for s, v in ((0, 10.0), (1, 20.0), (2, 30.0))]
+    rows += [{"config": "albef", "seed": 0, "tr_r1": 5.0, "itm_neg": 0.3},
+             {"config": "albef", "seed": 1, "tr_r1": 25.0, "itm_neg": 0.2},
+             {"config": "albef", "seed": 7, "tr_r1": 99.0, "itm_neg": 0.0},     # no full row of seed 7: left out
+             {"config": "no_aug", "seed": 2, "tr_r1": 28.0}]
+    by = {}
+    for r in rows:
+        by.setdefault(r["config"], []).append(r)
+    table = ablation._paired(by, ["full", "no_aug", "albef"], ["tr_r1", "itm_neg"])
+    lines = table.splitlines()
+    assert lines[0] == "| | tr_r1 | itm_neg |"
+    assert lines[2] == "| full - no_aug | +2.0 (1 seed) |  |"
+    assert lines[3] == "| full - albef | +0.0 (-5.0 to +5.0; 1/2) | -0.15 (-0.20 to -0.10; 0/2) |"
+    assert ablation._paired({"albef": rows[3:5]}, ["albef"], ["tr_r1"]) == ""   # nothing to pair with
+    with open(tmp_path / "ablation.json", "w") as f:
+        json.dump([{**r, **{k: r.get(k, 1.0) for k in ablation.METRICS}} for r in rows], f)
+    assert "| full - albef |" in ablation.render(str(tmp_path))
+
+
 def test_model_passes_the_queue_without_a_copy(tok, batch, monkeypatch):
     """ITC gets the key banks as (momentum features, queue buffer itself): no per-step clone or cat."""
     import softmask as sm
