@@ -94,8 +94,9 @@ KEY_METRICS["partial"] = KEY_METRICS["partial_1200"] = (
     ("tr_r1_true", "ir_r1_true", "pointing_game", "pointing_game_color"),
     ("occ_itm_clean", "occh_itm_occluded", "itm_neg"))
 KEY_METRICS["longtail"] = (
-    ("lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head", "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail"),
-    ("itm_pos", "itm_neg"))
+    ("lt_tr_r1_head", "lt_tr_r1_tail", "lt_ir_r1_head", "lt_ir_r1_tail", "lt_pointing_head", "lt_pointing_tail",
+     "grounding_acc"),
+    ("itm_pos", "itm_neg", "occh_itm_occluded"))
 RESULTS = os.path.join("bench_results", "ablation")
 SUITE_RESULTS = {suite: os.path.join(RESULTS, suite) for suite in SUITES}
 
