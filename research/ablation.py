@@ -217,6 +217,11 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def _decimals(key: str) -> int:
+    """Decimals a metric is written with: 2 for ITM match probabilities, 1 for percentages."""
+    return 2 if key in PROBE or "_itm_" in key else 1
+
+
 def _describe(config: str, rows: list, configs: dict) -> str:
     """The config's overrides of the default job: its entry in ``configs`` plus the overrides its rows ran with."""
     extra = {}
@@ -246,7 +251,7 @@ def render(results: str, suite: str = "recipe") -> str:
                     cells.append("")
                     continue
                 m, sd = _stats(xs)
-                prec = 2 if k in PROBE or "_itm_" in k else 1
+                prec = _decimals(k)
                 cells.append(f"{m:.{prec}f} ± {sd:.{prec}f}" if len(xs) > 1 else f"{m:.{prec}f}")
             lines.append(f"| {c} | {len(by[c])} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -297,7 +302,7 @@ def _paired(by: dict, order: list, keys: list) -> str:
             if not diffs:
                 cells.append("")
                 continue
-            prec = 2 if k in PROBE or "_itm_" in k else 1
+            prec = _decimals(k)
             up = sum(d > 0 for d in diffs)
             mean = f"{sum(diffs) / len(diffs):+.{prec}f}"
             cells.append(f"{mean} (1 seed)" if len(diffs) == 1 else
